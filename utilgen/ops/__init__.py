@@ -1,0 +1,38 @@
+"""Accelerated ops of utilgen, each with a PyTorch reference (DESIGN.md, section 4).
+
+- ``weighted_cross_entropy``: fused per-sample-weighted cross-entropy (TODV's
+  weighted loss), optional per-sample directional derivatives.
+- ``latent_update``: one fused Adam / SGD-momentum step over N noises and N
+  prompt embeddings (ILPO), with shell projection and anchor bounds.
+- ``logit_hvp``, ``hvp``, ``per_sample_directional_derivative``: meta-gradient
+  products for TODV without a stored second-order graph.
+
+``info()`` reports which backend each op would use here and why.
+"""
+
+from __future__ import annotations
+
+from utilgen.ops._backend import BACKENDS, BackendUnavailable, use_backend
+from utilgen.ops.latent_update import LatentUpdateState, latent_update, latent_update_reference
+from utilgen.ops.logit_hvp import logit_hvp, logit_hvp_reference
+from utilgen.ops.meta_grad import HVP_METHODS, hvp, per_sample_directional_derivative
+from utilgen.ops.weighted_cross_entropy import weighted_cross_entropy, weighted_cross_entropy_reference
+from utilgen.ops._info import info, info_text
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "use_backend",
+    "info",
+    "info_text",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_reference",
+    "latent_update",
+    "latent_update_reference",
+    "LatentUpdateState",
+    "logit_hvp",
+    "logit_hvp_reference",
+    "hvp",
+    "HVP_METHODS",
+    "per_sample_directional_derivative",
+]
