@@ -1,0 +1,45 @@
+"""Test session setup.
+
+- OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads made steps
+  10-30x slower on the 2-core machines, ENVIRONMENT.md).
+- Without a GPU, TRITON_INTERPRET=1 before any Triton kernel is imported, so
+  the CPU suite runs the Triton kernels for real in the interpreter.
+- ``backends_here()`` lists the kernel backends the op tests must exercise.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from utilgen.ops import _backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_params(op: _backend.OpSupport, device: str = DEVICE):
+    """pytest params for every backend of ``op`` on ``device``; unavailable ones skip with the reason.
+
+    Under CI (UTILGEN_REQUIRE_EXTENSION=1) the C++ backend may not be skipped on
+    CPU: a missing extension fails instead of silently testing the reference.
+    """
+    params = []
+    for backend in _backend.BACKENDS:
+        reason = _backend.unavailable_reason(op, backend, device, torch.float32)
+        must_run = backend == "cpp" and device == "cpu" and os.environ.get("UTILGEN_REQUIRE_EXTENSION") == "1"
+        marks = [pytest.mark.skip(reason=f"{backend}: {reason}")] if reason and not must_run else []
+        params.append(pytest.param(backend, id=backend, marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
