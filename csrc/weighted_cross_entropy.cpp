@@ -1,3 +1,182 @@
-// PLACEHOLDER: replaced by the weighted_cross_entropy implementation.
+// Weighted cross-entropy, C++/OpenMP CPU kernels (reference: utilgen/ops/weighted_cross_entropy.py).
+//
+// Forward, per row i of logits z (N, K):
+//   m = max_k z_k;  S = sum_k e^{z_k - m};  lse = m + log S;  l_i = lse - z_{y_i}
+//   s_i = (sum_k e^{z_k - m} u_k) / S - u_{y_i}            (only with a tangent u)
+// With a gradient buffer the forward also writes, per row,
+//   G_ik = c_i (e^{z_k - lse} - [k == y_i]),   c_i = scale w_i  (scale = 1/N for mean),
+// and autograd's backward only multiplies G by grad_output. On CPU the exp is
+// the cost (memory is not: see csrc/fast_math.h), so computing the softmax once
+// instead of again in the backward halves the exps; the GPU kernels, which are
+// bandwidth-bound, recompute instead. Rows are independent: threads take
+// contiguous row ranges, and a row (K floats) stays in L1 across its passes.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "fast_math.h"
 #include "ops.h"
-namespace utilgen { void register_weighted_cross_entropy(pybind11::module_&) {} }
+#include "weighted_cross_entropy.h"
+
+namespace py = pybind11;
+
+namespace utilgen {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+struct RowResult {
+  float lse;
+  float loss;
+  float directional;
+};
+
+// One row's statistics (and, with `grad`, its gradient row). NaN or +inf
+// logits make the row NaN, as in torch; -inf logits (masked classes) give e^{-inf} = 0.
+RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64_t y, float* grad, float grad_scale) {
+  float m = -std::numeric_limits<float>::infinity();
+  int non_finite = 0;
+#pragma omp simd reduction(max : m) reduction(+ : non_finite)
+  for (std::int64_t j = 0; j < k; ++j) {
+    m = z[j] > m ? z[j] : m;  // std::max here compiled to a scalar chain: 6x slower
+    non_finite += (z[j] != z[j]) | (z[j] > std::numeric_limits<float>::max());
+  }
+  if (non_finite > 0 || m == -std::numeric_limits<float>::infinity()) {
+    if (grad) std::fill(grad, grad + k, kNaN);
+    return {kNaN, kNaN, kNaN};
+  }
+  float sum = 0.0f;
+  float tangent_sum = 0.0f;
+  if (grad != nullptr) {  // keep e^{z - m} in the gradient row, scale it below
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t j = 0; j < k; ++j) {
+      grad[j] = fast_exp(z[j] - m);
+      sum += grad[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t j = 0; j < k; ++j) sum += fast_exp(z[j] - m);
+  }
+  if (u != nullptr) {  // a second exp pass only when a tangent is asked for
+#pragma omp simd reduction(+ : tangent_sum)
+    for (std::int64_t j = 0; j < k; ++j) tangent_sum += (grad ? grad[j] : fast_exp(z[j] - m)) * u[j];
+  }
+  if (grad != nullptr) {
+    const float c = grad_scale / sum;
+#pragma omp simd
+    for (std::int64_t j = 0; j < k; ++j) grad[j] *= c;
+    grad[y] -= grad_scale;
+  }
+  const float lse = m + std::log(sum);
+  const float directional = u == nullptr ? 0.0f : tangent_sum / sum - u[y];
+  return {lse, lse - z[y], directional};
+}
+
+// Rows [begin, end) of the forward. Returns the sum of w_i l_i (double, so the
+// mean over large N does not drift) and records the first invalid target.
+double forward_rows(const float* logits, const std::int64_t* target, const float* weight, const float* tangent,
+                    std::int64_t begin, std::int64_t end, std::int64_t k, int reduction, float grad_scale,
+                    float* loss, float* per_sample, float* lse, float* directional, float* grad,
+                    std::atomic<std::int64_t>& bad_row) {
+  double weighted_sum = 0.0;
+  for (std::int64_t i = begin; i < end; ++i) {
+    const std::int64_t y = target[i];
+    if (y < 0 || y >= k) {
+      std::int64_t expected = -1;
+      bad_row.compare_exchange_strong(expected, i);
+      per_sample[i] = lse[i] = kNaN;
+      if (directional) directional[i] = kNaN;
+      if (reduction == 0) loss[i] = kNaN;
+      if (grad) std::fill(grad + i * k, grad + (i + 1) * k, kNaN);
+      continue;
+    }
+    const RowResult row = forward_row(logits + i * k, tangent ? tangent + i * k : nullptr, k, y,
+                                      grad ? grad + i * k : nullptr, grad_scale * weight[i]);
+    per_sample[i] = row.loss;
+    lse[i] = row.lse;
+    if (directional) directional[i] = row.directional;
+    const float weighted = weight[i] * row.loss;
+    if (reduction == 0) loss[i] = weighted;
+    weighted_sum += weighted;
+  }
+  return weighted_sum;
+}
+
+void weighted_cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t target, std::uintptr_t weight,
+                                    std::uintptr_t tangent, std::int64_t n, std::int64_t k, int reduction,
+                                    std::uintptr_t loss, std::uintptr_t per_sample, std::uintptr_t lse,
+                                    std::uintptr_t directional, std::uintptr_t grad_logits, int num_threads) {
+  UTILGEN_CHECK(n > 0 && k > 0, "weighted_cross_entropy_fwd_cpu: logits must be non-empty, got N=" << n << ", K=" << k);
+  UTILGEN_CHECK(reduction >= 0 && reduction <= 2,
+                "weighted_cross_entropy_fwd_cpu: reduction code must be 0 (none), 1 (mean) or 2 (sum), got " << reduction);
+  UTILGEN_CHECK_PTR(logits, "logits");
+  UTILGEN_CHECK_PTR(target, "target");
+  UTILGEN_CHECK_PTR(weight, "weight");
+  UTILGEN_CHECK_PTR(loss, "loss");
+  UTILGEN_CHECK_PTR(per_sample, "per_sample");
+  UTILGEN_CHECK_PTR(lse, "lse");
+  UTILGEN_CHECK(tangent == 0 || directional != 0, "weighted_cross_entropy_fwd_cpu: a tangent needs a directional output");
+
+  const float* z = as_ptr<const float>(logits);
+  const std::int64_t* y = as_ptr<const std::int64_t>(target);
+  const float* w = as_ptr<const float>(weight);
+  const float* u = tangent ? as_ptr<const float>(tangent) : nullptr;
+  float* loss_out = as_ptr<float>(loss);
+  float* directional_out = tangent ? as_ptr<float>(directional) : nullptr;
+  float* grad = grad_logits ? as_ptr<float>(grad_logits) : nullptr;
+  const float grad_scale = reduction == 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+
+  // Fixed row chunks, one partial sum each, added in chunk order: the loss is
+  // deterministic for a given thread count.
+  const std::int64_t chunks = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, n / 16));
+  std::vector<double> partial(chunks, 0.0);
+  std::atomic<std::int64_t> bad_row{-1};
+  parallel_for(chunks, num_threads, 1, [&](std::int64_t first, std::int64_t last) {
+    for (std::int64_t c = first; c < last; ++c) {
+      partial[c] = forward_rows(z, y, w, u, n * c / chunks, n * (c + 1) / chunks, k, reduction, grad_scale,
+                                loss_out, as_ptr<float>(per_sample), as_ptr<float>(lse), directional_out, grad,
+                                bad_row);
+    }
+  });
+  if (bad_row.load() >= 0) {
+    const std::int64_t row = bad_row.load();
+    UTILGEN_CHECK(false, "weighted_cross_entropy: target[" << row << "] = " << y[row] << " is not a class index in [0, "
+                                                           << k << ")");
+  }
+  if (reduction != 0) {
+    double total = 0.0;
+    for (double p : partial) total += p;
+    *loss_out = static_cast<float>(reduction == 1 ? total / static_cast<double>(n) : total);
+  }
+}
+
+}  // namespace
+
+void register_weighted_cross_entropy(py::module_& m) {
+  m.def("weighted_cross_entropy_fwd_cpu", &weighted_cross_entropy_fwd_cpu, py::arg("logits"), py::arg("target"),
+        py::arg("weight"), py::arg("tangent"), py::arg("n"), py::arg("k"), py::arg("reduction"), py::arg("loss"),
+        py::arg("per_sample"), py::arg("lse"), py::arg("directional"), py::arg("grad_logits"),
+        py::arg("num_threads"),
+        "Weighted cross-entropy forward on float32 CPU buffers (pointers as ints; tangent, directional and "
+        "grad_logits 0 = absent). With grad_logits it also writes d loss / d logits for grad_output = 1.",
+        py::call_guard<py::gil_scoped_release>());
+#ifdef UTILGEN_WITH_CUDA
+  m.def("weighted_cross_entropy_cuda_blocks", &weighted_cross_entropy_cuda_blocks, py::arg("n"),
+        "Blocks the CUDA forward launches for N rows (size of its partial-sum workspace)");
+  m.def("weighted_cross_entropy_fwd_cuda", &weighted_cross_entropy_fwd_cuda, py::arg("logits"), py::arg("target"),
+        py::arg("weight"), py::arg("tangent"), py::arg("n"), py::arg("k"), py::arg("reduction"), py::arg("dtype"),
+        py::arg("loss"), py::arg("per_sample"), py::arg("lse"), py::arg("directional"), py::arg("partials"),
+        py::arg("counter"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("weighted_cross_entropy_bwd_cuda", &weighted_cross_entropy_bwd_cuda, py::arg("grad_loss"),
+        py::arg("grad_per_row"), py::arg("scale"), py::arg("logits"), py::arg("target"), py::arg("weight"),
+        py::arg("per_sample"), py::arg("lse"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("grad_logits"),
+        py::arg("grad_weight"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+#endif
+}
+
+}  // namespace utilgen

@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 from utilgen.ops._backend import BACKENDS, BackendUnavailable, use_backend
-from utilgen.ops.latent_update import LatentUpdateState, latent_update, latent_update_reference
-from utilgen.ops.logit_hvp import logit_hvp, logit_hvp_reference
-from utilgen.ops.meta_grad import HVP_METHODS, hvp, per_sample_directional_derivative
 from utilgen.ops.weighted_cross_entropy import weighted_cross_entropy, weighted_cross_entropy_reference
 from utilgen.ops._info import info, info_text
 
@@ -27,12 +24,4 @@ __all__ = [
     "info_text",
     "weighted_cross_entropy",
     "weighted_cross_entropy_reference",
-    "latent_update",
-    "latent_update_reference",
-    "LatentUpdateState",
-    "logit_hvp",
-    "logit_hvp_reference",
-    "hvp",
-    "HVP_METHODS",
-    "per_sample_directional_derivative",
 ]
