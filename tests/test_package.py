@@ -1,0 +1,136 @@
+"""Package-level contracts: lean import, import direction, the command line, the extension."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import utilgen
+
+PACKAGE_DIR = Path(utilgen.__file__).parent
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_utilgen_is_lean():
+    result = _run_python(
+        "import sys, utilgen; "
+        "heavy = [m for m in ('torch', 'triton', 'diffusers', 'utilgen._C', 'utilgen.kernels') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_import_ops_does_not_import_triton_or_initialise_cuda():
+    result = _run_python(
+        "import sys, utilgen.ops, torch; "
+        "print('triton' in sys.modules, torch.cuda.is_initialized())"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False False"
+
+
+def test_help_does_not_import_torch():
+    result = _run_python(
+        "import sys; sys.argv = ['utilgen.run', '--help']\n"
+        "import runpy\n"
+        "try:\n    runpy.run_module('utilgen.run', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--info" in result.stdout
+    assert result.stdout.strip().endswith("False")
+
+
+def test_info_reports_extension_and_backends():
+    result = subprocess.run(
+        [sys.executable, "-m", "utilgen.run", "--info", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["ops"]) == {"weighted_cross_entropy", "latent_update", "logit_hvp"}
+    cpu = report["ops"]["weighted_cross_entropy"]["cpu"]
+    assert cpu["backends"]["reference"] == "available"
+    assert "CUDA tensors" in cpu["backends"]["cuda"]
+    if report["extension"]["loaded"]:
+        assert cpu["auto"] == "cpp"
+    else:
+        assert cpu["auto"] == "reference" and report["extension"]["reason"]
+
+
+def test_info_text_names_each_op_choice():
+    result = subprocess.run([sys.executable, "-m", "utilgen.run", "--info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("weighted_cross_entropy", "latent_update", "logit_hvp"):
+        assert f"{name} [cpu, float32]: auto -> " in result.stdout
+    assert "utilgen._C:" in result.stdout
+
+
+@pytest.mark.skipif(os.environ.get("UTILGEN_REQUIRE_EXTENSION") != "1", reason="CI demands the extension")
+def test_extension_is_built_and_loaded():
+    from utilgen import _native
+
+    module = _native.extension()
+    assert module is not None, _native.extension_reason()
+    assert module.openmp
+
+
+# Layers from DESIGN.md section 3: a module may import only its own layer or below.
+LAYERS = {
+    "_native": 0, "config": 0, "kernels": 0,
+    "ops": 1,
+    "data": 2, "models": 2,
+    "generator": 3, "valuation": 3,
+    "adaptation": 4,
+    "loop": 5, "evaluate": 5, "report": 5,
+    "run": 6,
+}  # fmt: skip
+
+
+def _layer_of(relative: Path) -> int | None:
+    top = relative.parts[0].removesuffix(".py")
+    return LAYERS.get(top)
+
+
+def test_imports_point_downward():
+    violations = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        relative = path.relative_to(PACKAGE_DIR)
+        layer = _layer_of(relative)
+        if layer is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if not name.startswith("utilgen."):
+                    continue
+                target = _layer_of(Path(name.split(".")[1]))
+                if target is not None and target > layer:
+                    violations.append(f"{relative} (layer {layer}) imports {name} (layer {target})")
+    assert not violations, "\n".join(violations)
+
+
+def test_only_ops_touch_the_extension_and_kernels():
+    offenders = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        relative = path.relative_to(PACKAGE_DIR)
+        if relative.parts[0] in ("ops", "kernels") or relative.name == "_native.py":
+            continue
+        text = path.read_text()
+        if "utilgen._C" in text or "utilgen.kernels" in text or "_native.extension" in text:
+            offenders.append(str(relative))
+    assert not offenders, offenders
