@@ -91,12 +91,18 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    live = peak = 0
+    # Replay every allocation and free in time order. The raw kineto events are
+    # needed: prof.events() folds the allocations made inside an op into that
+    # op's (inclusive) memory column and keeps only the rest as "[memory]"
+    # events, so replaying those alone saw almost nothing (0 bytes for a
+    # backward pass).
     events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda event: event[0],  # stable: same-time events keep their recorded order
     )
-    for event in events:
-        live += event.cpu_memory_usage
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
         peak = max(peak, live)
     return peak
 
