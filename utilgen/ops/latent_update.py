@@ -194,6 +194,8 @@ def _prepare(
     if momentum < 0.0 or weight_decay < 0.0:
         raise ValueError(f"momentum={momentum} and weight_decay={weight_decay} must be >= 0")
 
+    if noise is not None and embed is not None and isinstance(embed, Tensor) and embed.shape[0] != n:
+        raise ValueError(f"noise has N={n} instances but embed has N={embed.shape[0]}; they must match")
     if noise is not None:
         _check_part("noise", noise, noise_grad, state.noise_exp_avg, state.noise_exp_avg_sq, ndim=4,
                     dims="(N, C, H, W)", optimizer=optimizer, momentum=momentum, device=device)
@@ -206,8 +208,6 @@ def _prepare(
                     dims="(N, L, D)", optimizer=optimizer, momentum=momentum, device=device)
         if embed_lr is None:
             raise ValueError("embed_lr is required when embed is given")
-    if noise is not None and embed is not None and embed.shape[0] != n:
-        raise ValueError(f"noise has N={n} instances but embed has N={embed.shape[0]}; they must match")
     _check_tensor(state.step, "state.step", shape=(n,), device=device, dtypes=(torch.float32,))
     if active is not None:
         _check_tensor(active, "active", shape=(n,), device=device, dtypes=(torch.bool,))
@@ -345,15 +345,19 @@ def _reference_step(param, grad, exp_avg, exp_avg_sq, lr, step, *, optimizer, be
 
 
 def _project(x: Tensor, center: Optional[Tensor], target: Tensor, only_shrink: bool) -> Tensor:
-    """Rescales x - center (per instance) to norm ``target`` (N,); ``only_shrink`` keeps those already inside."""
+    """Rescales x - center (per instance) to norm ``target`` (N,).
+
+    ``only_shrink`` leaves instances already inside the ball bit-for-bit as they are;
+    a (near) zero offset has no direction and is left alone too.
+    """
     offset = x if center is None else x - center.float()
     norm = offset.flatten(1).norm(dim=1)  # (N,)
-    scale = target / norm.clamp_min(_TINY_NORM)
+    moves = norm >= _TINY_NORM
     if only_shrink:
-        scale = scale.clamp(max=1.0)
-    scale = torch.where(norm < _TINY_NORM, 1.0, scale)  # a (near) zero offset has no direction: leave it
-    moved = offset * _per_instance_view(scale, offset)
-    return moved if center is None else center.float() + moved
+        moves = moves & (norm > target)
+    moved = offset * _per_instance_view(target / norm.clamp_min(_TINY_NORM), offset)
+    projected = moved if center is None else center.float() + moved
+    return torch.where(_per_instance_view(moves, x), projected, x)
 
 
 def _write_back(dst: Optional[Tensor], new: Optional[Tensor], active: Optional[Tensor]) -> None:
