@@ -1,41 +1,62 @@
 // Vectorisable elementwise math for the CPU kernels.
 //
-// glibc's expf is a scalar call that no loop vectorises. This exp is plain
-// arithmetic, so `#pragma omp simd` loops vectorise it for the instruction set
-// the extension is built for (CMake: UTILGEN_CPU_NATIVE). Measured on the 2-core
-// CI Xeon (AVX-512), sum of exp over 8192x1000 floats, one thread: 23 ms with
-// the baseline x86-64 flags, 15 ms with -march=native (256-bit), 6.1 ms with
-// 512-bit vectors; torch.exp (Sleef, AVX-512) writes the same in 5.6 ms.
+// glibc's expf is a scalar call that no loop vectorises, and inside the softmax
+// loops it cost more than the memory traffic. exp_nonpositive is plain
+// arithmetic, so `#pragma omp simd` loops vectorise it. Measured on the 2-core
+// CI Xeon (AVX-512), sum of exp over 8192x1000 floats, one thread: 23 ms as a
+// scalar loop, 15 ms vectorised with 256-bit registers, 6.1 ms with 512-bit;
+// torch.exp (Sleef, AVX-512) writes the same in 5.6 ms.
 #pragma once
 
 #include <cstdint>
-#include <algorithm>
+#include <cstring>
+
+// Row kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64 and the
+// best is picked at load time (GCC function multiversioning), so a portable
+// build (UTILGEN_CPU_NATIVE=OFF) still runs 16/8 lanes wide where it can.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define UTILGEN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define UTILGEN_SIMD_CLONES
+#endif
 
 namespace utilgen {
 
-// exp(x) to ~1 ulp on [-87, 88]; 0 below -87 (true values there are < 2e-38,
-// denormal, and negligible in every sum they enter); +inf/NaN are not
-// expected (callers subtract the row maximum first and flag non-finite rows).
-// Range reduction x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2), a
-// degree-6 Taylor polynomial for exp(r) (truncation error r^7/7! < 1.3e-7
-// relative), and 2^n assembled in the exponent bits.
-__attribute__((always_inline)) inline float fast_exp(float x) {
-  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-  // Adding 1.5*2^23 rounds x*log2(e) to the nearest integer in the low mantissa bits.
-  const float shifter = 12582912.0f;
-  const float t = clamped * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const std::int32_t t_bits = __builtin_bit_cast(std::int32_t, t);
-  const std::int32_t scale_bits = (t_bits - 0x4B400000 + 127) << 23;
-  return x >= -87.0f ? p * __builtin_bit_cast(float, scale_bits) : 0.0f;
+// exp(x) for shifted logits x = z - max(z) <= 0 (also correct up to x ~ 88).
+//   x = n ln2 + r, n = round(x log2 e), |r| <= ln2/2; ln2 is split in a high
+//   part with 8 trailing zero bits (n * hi is exact for |n| <= 256) and a low
+//   part (Cody-Waite), exp(r) by its degree-7 Taylor polynomial (truncation
+//   |r|^8/8! < 5.3e-9 relative, ~0.05 ulp), and 2^n built in the exponent bits.
+// Below -87.33 (n < -126) the true value is a denormal < 1.2e-38: returns 0,
+// negligible in every softmax sum it enters (and exactly 0 for -inf, a masked
+// class). NaN propagates. Accuracy: <= 2 ulp against fp64 exp on [-87.3, 0]
+// (tests/test_logit_hvp.py, through _C.logit_hvp_exp_cpu).
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  const float kMinArg = -87.33654f;              // -126 ln 2
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f;       // 0x3F317200
+  const float kLn2Lo = 1.4286068202862268e-06f;  // ln 2 - kLn2Hi, rounded
+  const float kRoundShift = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+  const float clamped = x < kMinArg ? kMinArg : x;
+  const float shifted = clamped * kLog2e + kRoundShift;  // low mantissa bits hold n
+  const float n = shifted - kRoundShift;
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  std::int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  const std::int32_t n_int = shifted_bits - 0x4B400000;  // bits of kRoundShift
+  const std::int32_t scale_bits = (n_int + 127) << 23;   // 2^n
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return x < kMinArg ? 0.0f : poly * scale;
 }
 
 }  // namespace utilgen

@@ -10,73 +10,26 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "common.h"
+#include "fast_math.h"
 #include "logit_hvp.h"
 #include "ops.h"
 
 namespace py = pybind11;
 
-// Compile the row kernel for AVX-512, AVX2+FMA and baseline x86-64 and pick at
-// load time (GCC function multiversioning), so the wheel stays portable and
-// the vectorised exp below runs 16/8 lanes wide where the CPU allows.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define UTILGEN_HVP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define UTILGEN_HVP_CLONES
-#endif
-
 namespace utilgen {
 namespace {
 
-// exp(x) for the shifted logits x = z - max(z) <= 0, in plain arithmetic so
-// that `#pragma omp simd` loops vectorise it (glibc's expf is a scalar call and
-// would cost more than the memory traffic).
-//   x = n ln2 + r, n = round(x log2 e), |r| <= ln2/2; ln2 is split in a high
-//   part with 8 trailing zero bits (n * hi is exact for |n| <= 256) and a low
-//   part (Cody-Waite), exp(r) by its degree-7 Taylor polynomial (truncation
-//   |r|^8/8! < 5.3e-9 relative, ~0.05 ulp), and 2^n built in the exponent bits.
-// Below -87.33 (n < -126) the true value is a denormal < 1.2e-38: returns 0,
-// which is negligible in every softmax sum it enters. NaN propagates.
-// Accuracy: <= 2 ulp against fp64 exp on [-87.3, 0] (tests/test_logit_hvp.py).
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  const float kMinArg = -87.33654f;                 // -126 ln 2
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693145751953125f;          // 0x3F317200
-  const float kLn2Lo = 1.4286068202862268e-06f;     // ln 2 - kLn2Hi, rounded
-  const float kRoundShift = 12582912.0f;            // 1.5 * 2^23: adding it rounds to an integer
-  const float clamped = x < kMinArg ? kMinArg : x;
-  const float shifted = clamped * kLog2e + kRoundShift;  // low mantissa bits hold n
-  const float n = shifted - kRoundShift;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  std::int32_t shifted_bits;
-  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-  const std::int32_t n_int = shifted_bits - 0x4B400000;  // bits of kRoundShift
-  const std::int32_t scale_bits = (n_int + 127) << 23;   // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return x < kMinArg ? 0.0f : poly * scale;
-}
-
-UTILGEN_HVP_CLONES
+UTILGEN_SIMD_CLONES
 void exp_nonpositive_array(const float* x, float* y, std::int64_t n) {
 #pragma omp simd
   for (std::int64_t j = 0; j < n; ++j) y[j] = exp_nonpositive(x[j]);
 }
 
 // Rows [begin, end) of the op. `weight` may be null (all ones).
-UTILGEN_HVP_CLONES
+UTILGEN_SIMD_CLONES
 void logit_hvp_rows(const float* logits, const float* v, const float* weight, float* out, std::int64_t begin,
                     std::int64_t end, std::int64_t k) {
   for (std::int64_t i = begin; i < end; ++i) {

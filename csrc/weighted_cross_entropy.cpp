@@ -38,6 +38,7 @@ struct RowResult {
 
 // One row's statistics (and, with `grad`, its gradient row). NaN or +inf
 // logits make the row NaN, as in torch; -inf logits (masked classes) give e^{-inf} = 0.
+UTILGEN_SIMD_CLONES
 RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64_t y, float* grad, float grad_scale) {
   float m = -std::numeric_limits<float>::infinity();
   int non_finite = 0;
@@ -55,16 +56,16 @@ RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64
   if (grad != nullptr) {  // keep e^{z - m} in the gradient row, scale it below
 #pragma omp simd reduction(+ : sum)
     for (std::int64_t j = 0; j < k; ++j) {
-      grad[j] = fast_exp(z[j] - m);
+      grad[j] = exp_nonpositive(z[j] - m);
       sum += grad[j];
     }
   } else {
 #pragma omp simd reduction(+ : sum)
-    for (std::int64_t j = 0; j < k; ++j) sum += fast_exp(z[j] - m);
+    for (std::int64_t j = 0; j < k; ++j) sum += exp_nonpositive(z[j] - m);
   }
   if (u != nullptr) {  // a second exp pass only when a tangent is asked for
 #pragma omp simd reduction(+ : tangent_sum)
-    for (std::int64_t j = 0; j < k; ++j) tangent_sum += (grad ? grad[j] : fast_exp(z[j] - m)) * u[j];
+    for (std::int64_t j = 0; j < k; ++j) tangent_sum += (grad ? grad[j] : exp_nonpositive(z[j] - m)) * u[j];
   }
   if (grad != nullptr) {
     const float c = grad_scale / sum;

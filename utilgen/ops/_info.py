@@ -10,9 +10,11 @@ import torch
 
 from utilgen import _native
 from utilgen.ops import _backend
+from utilgen.ops.latent_update import SUPPORT as _LATENT_UPDATE
+from utilgen.ops.logit_hvp import SUPPORT as _LOGIT_HVP
 from utilgen.ops.weighted_cross_entropy import SUPPORT as _WEIGHTED_CE
 
-KERNEL_OPS = (_WEIGHTED_CE,)
+KERNEL_OPS = (_WEIGHTED_CE, _LATENT_UPDATE, _LOGIT_HVP)
 
 
 def _version(package: str) -> str | None:
