@@ -36,44 +36,113 @@ struct RowResult {
   float directional;
 };
 
+// Row loops. The compiler's vectorised loops end in a scalar remainder, and
+// for short rows its set-up and remainder dominated: K=10 rows took 101 ns,
+// K=100 rows 99 ns (one thread, 2-core CI Xeon, AVX-512). So rows of at least
+// one block run whole blocks, then one more block aligned to the row's end
+// that overlaps the body (harmless for a max and for recomputed stores; sums
+// mask the overlap), and shorter rows run plain scalar loops: K=10 rows now
+// take 22 ns, K=100 rows 73 ns; K=1000 is unchanged.
+constexpr std::int64_t kBlock = 16;
+
+inline float row_max(const float* z, std::int64_t k) {
+  float m = -std::numeric_limits<float>::infinity();
+  if (k < kBlock) {
+    for (std::int64_t j = 0; j < k; ++j) m = z[j] > m ? z[j] : m;
+    return m;
+  }
+  const std::int64_t body = k - k % kBlock;
+  // The ternary, not std::max: std::max compiled to a scalar chain, 6x slower.
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < body; ++j) m = z[j] > m ? z[j] : m;
+  const float* last = z + (k - kBlock);
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < kBlock; ++j) m = last[j] > m ? last[j] : m;
+  return m;
+}
+
+// sum_j e^{z_j - m}, storing the terms in `out` when given.
+inline float sum_exp_shifted(const float* z, float m, std::int64_t k, float* out) {
+  float sum = 0.0f;
+  if (k < kBlock) {
+    for (std::int64_t j = 0; j < k; ++j) {
+      const float e = exp_nonpositive(z[j] - m);
+      if (out) out[j] = e;
+      sum += e;
+    }
+    return sum;
+  }
+  const std::int64_t body = k - k % kBlock;
+  const std::int64_t start = k - kBlock;  // the last block, overlapping the body
+  const float* z_last = z + start;
+  if (out != nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t j = 0; j < body; ++j) {
+      out[j] = exp_nonpositive(z[j] - m);
+      sum += out[j];
+    }
+    if (body < k) {
+      float* out_last = out + start;
+#pragma omp simd reduction(+ : sum)
+      for (std::int64_t j = 0; j < kBlock; ++j) {
+        const float e = exp_nonpositive(z_last[j] - m);
+        out_last[j] = e;
+        sum += start + j >= body ? e : 0.0f;
+      }
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t j = 0; j < body; ++j) sum += exp_nonpositive(z[j] - m);
+    if (body < k) {
+#pragma omp simd reduction(+ : sum)
+      for (std::int64_t j = 0; j < kBlock; ++j) {
+        const float e = exp_nonpositive(z_last[j] - m);
+        sum += start + j >= body ? e : 0.0f;
+      }
+    }
+  }
+  return sum;
+}
+
+// g_j *= c (each element once: the overlapping block keeps the body's values).
+inline void scale_row(float* g, float c, std::int64_t k) {
+  if (k < kBlock) {
+    for (std::int64_t j = 0; j < k; ++j) g[j] *= c;
+    return;
+  }
+  const std::int64_t body = k - k % kBlock;
+#pragma omp simd
+  for (std::int64_t j = 0; j < body; ++j) g[j] *= c;
+  if (body < k) {
+    const std::int64_t start = k - kBlock;
+    float* g_last = g + start;
+#pragma omp simd
+    for (std::int64_t j = 0; j < kBlock; ++j) g_last[j] = start + j >= body ? g_last[j] * c : g_last[j];
+  }
+}
+
 // One row's statistics (and, with `grad`, its gradient row). Non-finite
 // logits give what torch gives: -inf (a masked class) contributes e^{-inf} = 0;
 // +inf, or a row of only -inf, makes the row NaN (checked on the maximum);
 // a NaN logit is skipped by the maximum but turns its e^{z - m}, and so the
 // sum, the loss and the gradient row, into NaN. (A separate non-finite count
 // in the max loop cost ~20 of ~100 ns per K=100 row.)
-UTILGEN_SIMD_CLONES
-RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64_t y, float* grad, float grad_scale) {
+inline RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64_t y, float* grad,
+                             float grad_scale) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (std::int64_t j = 0; j < k; ++j) {
-    m = z[j] > m ? z[j] : m;  // std::max here compiled to a scalar chain: 6x slower
-  }
+  const float m = row_max(z, k);
   if (m == kInf || m == -kInf) {
     if (grad) std::fill(grad, grad + k, kNaN);
     return {kNaN, kNaN, kNaN};
   }
-  float sum = 0.0f;
+  const float sum = sum_exp_shifted(z, m, k, grad);  // grad (if any) now holds e^{z - m}
   float tangent_sum = 0.0f;
-  if (grad != nullptr) {  // keep e^{z - m} in the gradient row, scale it below
-#pragma omp simd reduction(+ : sum)
-    for (std::int64_t j = 0; j < k; ++j) {
-      grad[j] = exp_nonpositive(z[j] - m);
-      sum += grad[j];
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (std::int64_t j = 0; j < k; ++j) sum += exp_nonpositive(z[j] - m);
-  }
-  if (u != nullptr) {  // a second exp pass only when a tangent is asked for
+  if (u != nullptr) {  // the meta-gradient path: plain loops suffice
 #pragma omp simd reduction(+ : tangent_sum)
     for (std::int64_t j = 0; j < k; ++j) tangent_sum += (grad ? grad[j] : exp_nonpositive(z[j] - m)) * u[j];
   }
   if (grad != nullptr) {
-    const float c = grad_scale / sum;
-#pragma omp simd
-    for (std::int64_t j = 0; j < k; ++j) grad[j] *= c;
+    scale_row(grad, grad_scale / sum, k);
     grad[y] -= grad_scale;
   }
   const float lse = m + std::log(sum);
@@ -83,6 +152,7 @@ RowResult forward_row(const float* z, const float* u, std::int64_t k, std::int64
 
 // Rows [begin, end) of the forward. Returns the sum of w_i l_i (double, so the
 // mean over large N does not drift) and records the first invalid target.
+UTILGEN_SIMD_CLONES
 double forward_rows(const float* logits, const std::int64_t* target, const float* weight, const float* tangent,
                     std::int64_t begin, std::int64_t end, std::int64_t k, int reduction, float grad_scale,
                     float* loss, float* per_sample, float* lse, float* directional, float* grad,

@@ -10,7 +10,8 @@ from conftest import DEVICE, backend_params
 from utilgen.ops import BackendUnavailable, use_backend, weighted_cross_entropy, weighted_cross_entropy_reference
 from utilgen.ops.weighted_cross_entropy import SUPPORT
 
-SHAPES = [(1, 1), (37, 123), (64, 1000), (300, 10)]
+# K < 16, = 16 and just past it exercise the C++ row loops' three paths.
+SHAPES = [(1, 1), (300, 10), (5, 16), (3, 17), (37, 123), (64, 1000)]
 REDUCTIONS = ["mean", "sum", "none"]
 
 
