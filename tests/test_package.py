@@ -146,3 +146,28 @@ def test_only_ops_touch_the_extension_and_kernels():
             if name.startswith(private):
                 offenders.append(f"{relative} imports {name}")
     assert not offenders, offenders
+
+
+_BLOCK_EXTENSION = "import sys; sys.modules['utilgen._C'] = None\n"  # makes `import utilgen._C` fail
+
+
+def test_missing_extension_falls_back_with_a_reason():
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_EXTENSION + "from utilgen import _native, ops\n"
+         "print(_native.extension() is None); print(_native.extension_reason()); print(ops.info()['ops']['weighted_cross_entropy']['cpu']['auto'])"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "True"
+    assert "utilgen._C did not import" in lines[1] and "pip install" in lines[1]
+    assert lines[-1] == "reference"
+
+
+def test_required_extension_missing_is_an_error():
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_EXTENSION + "from utilgen import _native\n_native.extension()"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "UTILGEN_REQUIRE_EXTENSION=1 but utilgen._C did not import" in result.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -26,14 +27,23 @@ def _load() -> tuple[ModuleType | None, str]:
     try:
         module = importlib.import_module("utilgen._C")
     except ImportError as error:
-        reason = (
-            f"utilgen._C did not import ({error}); reinstall with "
-            "`pip install --no-build-isolation -e .` to build it"
-        )
+        reason = f"utilgen._C did not import ({error}); " + _install_hint()
         if os.environ.get("UTILGEN_REQUIRE_EXTENSION") == "1":
             raise ImportError(f"UTILGEN_REQUIRE_EXTENSION=1 but {reason}") from error
         return None, reason
     return module, ""
+
+
+def _install_hint() -> str:
+    package_dir = Path(__file__).resolve().parent
+    if (package_dir.parent / "CMakeLists.txt").exists():
+        # Imported from a source checkout: either never built here, or a
+        # non-editable install is shadowed by the checkout on sys.path.
+        return (
+            f"utilgen was imported from the source checkout {package_dir.parent}; build it in place with "
+            "`pip install -e .` (a non-editable install is shadowed when you run from the checkout)"
+        )
+    return "reinstall utilgen with `pip install .` so the extension is built (see README)"
 
 
 def extension() -> ModuleType | None:

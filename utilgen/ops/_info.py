@@ -48,7 +48,7 @@ def info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": cuda_available,
         "cuda_device": torch.cuda.get_device_name(0) if cuda_available else None,
-        "triton": {device: _backend.triton_reason(device) or "usable" for device in ("cpu", "cuda")},
+        "triton": {device: _backend.triton_reason(device) or "usable" for device in devices},
         "requested_backend": _backend.requested(),
         "ops": {},
     }
