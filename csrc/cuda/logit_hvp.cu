@@ -18,57 +18,15 @@
 
 #include "../logit_hvp.h"
 #include "cuda_common.cuh"
+#include "online_softmax.cuh"
 
 namespace utilgen {
 namespace {
 
-constexpr int kWarp = 32;
+using online_softmax::kFullMask;
+using online_softmax::kWarp;
+using online_softmax::SoftmaxDotState;
 constexpr int kRowsPerBlock = 8;  // 256 threads
-constexpr unsigned kFullMask = 0xffffffffu;
-
-struct SoftmaxDotState {
-  float max;      // running max of the row's logits seen so far
-  float sum_exp;  // sum exp(z - max)
-  float dot_exp;  // sum exp(z - max) * v
-};
-
-// exp(a - b) where a = -inf means "nothing seen yet" (contributes 0).
-__device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
-  return old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
-}
-
-__device__ __forceinline__ void absorb(SoftmaxDotState& state, float z, float v) {
-  if (z == -INFINITY) return;  // probability exactly 0 (masked class)
-  if (z > state.max) {
-    const float factor = rescale_factor(state.max, z);
-    state.sum_exp = state.sum_exp * factor + 1.0f;
-    state.dot_exp = state.dot_exp * factor + v;
-    state.max = z;
-  } else {
-    const float e = expf(z - state.max);
-    state.sum_exp += e;
-    state.dot_exp += e * v;
-  }
-}
-
-__device__ __forceinline__ SoftmaxDotState merge(const SoftmaxDotState& a, const SoftmaxDotState& b) {
-  const float new_max = fmaxf(a.max, b.max);
-  const float fa = rescale_factor(a.max, new_max);
-  const float fb = rescale_factor(b.max, new_max);
-  return {new_max, a.sum_exp * fa + b.sum_exp * fb, a.dot_exp * fa + b.dot_exp * fb};
-}
-
-__device__ __forceinline__ SoftmaxDotState warp_allreduce(SoftmaxDotState state) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    SoftmaxDotState other;
-    other.max = __shfl_xor_sync(kFullMask, state.max, offset);
-    other.sum_exp = __shfl_xor_sync(kFullMask, state.sum_exp, offset);
-    other.dot_exp = __shfl_xor_sync(kFullMask, state.dot_exp, offset);
-    state = merge(state, other);
-  }
-  return state;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
@@ -83,9 +41,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
 
   SoftmaxDotState state{-INFINITY, 0.0f, 0.0f};
   for (std::int64_t j = lane; j < k; j += kWarp) {
-    absorb(state, load_as_float(z_row, j), load_as_float(v_row, j));
+    online_softmax::absorb(state, load_as_float(z_row, j), load_as_float(v_row, j));
   }
-  state = warp_allreduce(state);
+  state = online_softmax::warp_allreduce(state);
 
   const float inv_sum = 1.0f / state.sum_exp;
   const float p_dot_v = state.dot_exp * inv_sum;  // <p_i, v_i>

@@ -1,12 +1,13 @@
 // Weighted cross-entropy, CUDA kernels (reference: utilgen/ops/weighted_cross_entropy.py).
 //
 // One warp per row, rows grid-strided. The forward keeps an online (max, sum,
-// tangent-sum) per lane, merges lanes with shuffles, and reduces sum_i w_i l_i
+// tangent-sum) per lane (online_softmax.cuh), merges lanes with shuffles, and reduces sum_i w_i l_i
 // in one launch: each block writes a partial, and the last block to finish
 // (threadfence + atomic ticket) adds the partials in block order, so the loss
 // is deterministic and no second kernel or host sync is needed.
 #include "../weighted_cross_entropy.h"
 #include "cuda_common.cuh"
+#include "online_softmax.cuh"
 
 #include <cfloat>
 #include <cmath>
@@ -14,48 +15,10 @@
 namespace utilgen {
 namespace {
 
-constexpr int kWarp = 32;
+using online_softmax::kWarp;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int kMaxBlocks = 1024;
-
-struct OnlineSoftmax {
-  float max;
-  float sum;      // sum e^{z - max}
-  float tangent;  // sum e^{z - max} u
-};
-
-__device__ __forceinline__ void online_add(OnlineSoftmax& s, float z, float u) {
-  if (z == -INFINITY) return;  // masked class: contributes nothing
-  if (z > s.max) {
-    const float rescale = __expf(s.max - z);  // s.max = -inf gives 0
-    s.sum = s.sum * rescale + 1.0f;
-    s.tangent = s.tangent * rescale + u;
-    s.max = z;
-  } else {
-    const float e = __expf(z - s.max);
-    s.sum += e;
-    s.tangent += e * u;
-  }
-}
-
-__device__ __forceinline__ OnlineSoftmax online_merge(OnlineSoftmax a, OnlineSoftmax b) {
-  if (b.max == -INFINITY) return a;
-  if (a.max == -INFINITY) return b;
-  const float m = fmaxf(a.max, b.max);
-  const float ea = __expf(a.max - m), eb = __expf(b.max - m);
-  return {m, a.sum * ea + b.sum * eb, a.tangent * ea + b.tangent * eb};
-}
-
-__device__ __forceinline__ OnlineSoftmax warp_merge(OnlineSoftmax s) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    OnlineSoftmax other{__shfl_xor_sync(0xffffffffu, s.max, offset), __shfl_xor_sync(0xffffffffu, s.sum, offset),
-                        __shfl_xor_sync(0xffffffffu, s.tangent, offset)};
-    s = online_merge(s, other);
-  }
-  return s;
-}
 
 template <typename T>
 __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, const std::int64_t* __restrict__ target,
@@ -74,14 +37,14 @@ __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, 
        row += static_cast<std::int64_t>(gridDim.x) * kWarpsPerBlock) {
     const T* z = logits + row * k;
     const T* u = tangent ? tangent + row * k : nullptr;
-    OnlineSoftmax s{-INFINITY, 0.0f, 0.0f};
+    online_softmax::SoftmaxDotState s{-INFINITY, 0.0f, 0.0f};
     bool non_finite = false;
     for (std::int64_t j = lane; j < k; j += kWarp) {
       const float zj = load_as_float(z, j);
       non_finite |= isnan(zj) || zj == INFINITY;
-      online_add(s, zj, u ? load_as_float(u, j) : 0.0f);
+      online_softmax::absorb(s, zj, u ? load_as_float(u, j) : 0.0f);
     }
-    s = warp_merge(s);
+    s = online_softmax::warp_allreduce(s);
     non_finite = __any_sync(0xffffffffu, non_finite);
     if (lane == 0) {
       const std::int64_t y = target[row];
@@ -89,9 +52,9 @@ __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, 
       if (non_finite || s.max == -INFINITY || y < 0 || y >= k) {
         lse = l = d = NAN;  // invalid targets cannot raise on the device: NaN marks the row
       } else {
-        lse = s.max + __logf(s.sum);
+        lse = s.max + __logf(s.sum_exp);
         l = lse - load_as_float(z, y);
-        d = u ? s.tangent / s.sum - load_as_float(u, y) : 0.0f;
+        d = u ? s.dot_exp / s.sum_exp - load_as_float(u, y) : 0.0f;
       }
       per_sample[row] = l;
       lse_out[row] = lse;
