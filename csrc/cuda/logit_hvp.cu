@@ -44,6 +44,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
     online_softmax::absorb(state, load_as_float(z_row, j), load_as_float(v_row, j));
   }
   state = online_softmax::warp_allreduce(state);
+  // A single +inf logit leaves max = +inf with a finite sum, so only its own
+  // column would turn NaN; torch (and the CPU/Triton kernels) make the row NaN.
+  if (state.max == INFINITY) state.sum_exp = NAN;
 
   const float inv_sum = 1.0f / state.sum_exp;
   const float p_dot_v = state.dot_exp * inv_sum;  // <p_i, v_i>

@@ -130,6 +130,8 @@ void weighted_cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t targe
   UTILGEN_CHECK_PTR(target, "target");
   UTILGEN_CHECK_PTR(weight, "weight");
   UTILGEN_CHECK_PTR(loss, "loss");
+  UTILGEN_CHECK_PTR(per_sample, "per_sample");  // written for every row
+  UTILGEN_CHECK_PTR(lse, "lse");
   UTILGEN_CHECK_PTR(partials, "partials");
   UTILGEN_CHECK_PTR(counter, "counter");
   UTILGEN_CHECK(tangent == 0 || directional != 0, "weighted_cross_entropy_fwd_cuda: a tangent needs a directional output");
@@ -153,6 +155,10 @@ void weighted_cross_entropy_bwd_cuda(std::uintptr_t grad_loss, bool grad_per_row
   UTILGEN_CHECK_PTR(grad_loss, "grad_loss");
   UTILGEN_CHECK_PTR(logits, "logits");
   UTILGEN_CHECK_PTR(grad_logits, "grad_logits");
+  UTILGEN_CHECK_PTR(target, "target");  // read for every row
+  UTILGEN_CHECK_PTR(weight, "weight");
+  UTILGEN_CHECK_PTR(lse, "lse");
+  UTILGEN_CHECK(grad_weight == 0 || per_sample != 0, "weighted_cross_entropy_bwd_cuda: grad_weight needs per_sample");
   const int blocks = blocks_for(n);
   dispatch_floating(dtype, "weighted_cross_entropy_bwd_cuda", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -496,7 +496,13 @@ def _device_kernel(device_backends: tuple[str, ...]):
         backend = bound.pop("backend")
         if backend not in device_backends:
             raise ValueError(f"latent_update: backend {backend!r} cannot run here; this device takes {', '.join(device_backends)}")
-        _RUNNERS[backend](bound)
+        device = bound["step"].device
+        if device.type != "cuda":
+            _RUNNERS[backend](bound)
+            return
+        # Python custom ops get no device guard; the CUDA and Triton launches use the current device.
+        with torch.cuda.device(device):
+            _RUNNERS[backend](bound)
 
     return kernel
 

@@ -159,16 +159,19 @@ def _(logits, v, weight, backend):
 @_logit_hvp_op.register_kernel("cuda")
 def _(logits, v, weight, backend):
     if backend == "triton":
-        return _forward_triton(logits, v, weight)
+        with torch.cuda.device(logits.device):  # Triton launches on the current device
+            return _forward_triton(logits, v, weight)
     if backend != "cuda":
         return logit_hvp_reference(logits, v, weight)
     logits, v = logits.contiguous(), v.contiguous()
     weight = None if weight is None else weight.float().contiguous()
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, K)
-    _native.extension().logit_hvp_fwd_cuda(
-        _native.ptr(logits), _native.ptr(v), _native.ptr(weight), logits.shape[0], logits.shape[1],
-        _native.dtype_code(logits), _native.ptr(out), _native.cuda_stream(logits),
-    )  # fmt: skip
+    # Python custom ops get no device guard: launch on the logits' device, not the current one.
+    with torch.cuda.device(logits.device):
+        _native.extension().logit_hvp_fwd_cuda(
+            _native.ptr(logits), _native.ptr(v), _native.ptr(weight), logits.shape[0], logits.shape[1],
+            _native.dtype_code(logits), _native.ptr(out), _native.cuda_stream(logits),
+        )  # fmt: skip
     return out
 
 

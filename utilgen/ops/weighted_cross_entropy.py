@@ -241,7 +241,8 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
 @_weighted_cross_entropy_op.register_kernel("cuda")
 def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     if backend == "triton":
-        return _forward_triton(logits, target, weight, tangent, reduction)
+        with torch.cuda.device(logits.device):  # Triton launches on the current device
+            return _forward_triton(logits, target, weight, tangent, reduction)
     if backend != "cuda":
         return _forward_via_reference(logits, target, weight, tangent, reduction)
     logits, target = logits.contiguous(), target.contiguous()
@@ -252,12 +253,14 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     blocks = module.weighted_cross_entropy_cuda_blocks(logits.shape[0])
     partials = torch.empty(blocks, device=logits.device, dtype=torch.float32)
     counter = torch.zeros(1, device=logits.device, dtype=torch.int32)
-    module.weighted_cross_entropy_fwd_cuda(
-        _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(tangent),
-        logits.shape[0], logits.shape[1], reduction, _native.dtype_code(logits),
-        _native.ptr(loss), _native.ptr(per_sample), _native.ptr(lse), _native.ptr(directional),
-        _native.ptr(partials), _native.ptr(counter), _native.cuda_stream(logits),
-    )  # fmt: skip
+    # Python custom ops get no device guard: launch on the logits' device, not the current one.
+    with torch.cuda.device(logits.device):
+        module.weighted_cross_entropy_fwd_cuda(
+            _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(tangent),
+            logits.shape[0], logits.shape[1], reduction, _native.dtype_code(logits),
+            _native.ptr(loss), _native.ptr(per_sample), _native.ptr(lse), _native.ptr(directional),
+            _native.ptr(partials), _native.ptr(counter), _native.cuda_stream(logits),
+        )  # fmt: skip
     return loss, per_sample, lse, directional, grad_cache
 
 
@@ -326,19 +329,22 @@ def _(grad_loss, logits, target, weight, per_sample, lse, reduction, backend):
 @_weighted_cross_entropy_backward_op.register_kernel("cuda")
 def _(grad_loss, logits, target, weight, per_sample, lse, reduction, backend):
     if backend == "triton":
-        return _backward_triton(grad_loss, logits, target, weight, per_sample, lse, reduction)
+        with torch.cuda.device(logits.device):  # Triton launches on the current device
+            return _backward_triton(grad_loss, logits, target, weight, per_sample, lse, reduction)
     if backend != "cuda":
         return _backward_via_reference(grad_loss, logits, target, weight, per_sample, lse, reduction)
     logits, target, weight = logits.contiguous(), target.contiguous(), weight.float().contiguous()
     grad, per_row, scale = _row_scale(grad_loss, reduction, logits.shape[0])
     grad_logits = torch.empty_like(logits)
     grad_weight = torch.empty_like(per_sample)
-    _native.extension().weighted_cross_entropy_bwd_cuda(
-        _native.ptr(grad), per_row, scale,
-        _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(per_sample), _native.ptr(lse),
-        logits.shape[0], logits.shape[1], _native.dtype_code(logits),
-        _native.ptr(grad_logits), _native.ptr(grad_weight), _native.cuda_stream(logits),
-    )  # fmt: skip
+    # Python custom ops get no device guard: launch on the logits' device, not the current one.
+    with torch.cuda.device(logits.device):
+        _native.extension().weighted_cross_entropy_bwd_cuda(
+            _native.ptr(grad), per_row, scale,
+            _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(per_sample), _native.ptr(lse),
+            logits.shape[0], logits.shape[1], _native.dtype_code(logits),
+            _native.ptr(grad_logits), _native.ptr(grad_weight), _native.cuda_stream(logits),
+        )  # fmt: skip
     return grad_logits, grad_weight
 
 
