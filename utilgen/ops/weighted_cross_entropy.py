@@ -38,6 +38,7 @@ from utilgen.ops import _backend
 SUPPORT = _backend.OpSupport("weighted_cross_entropy")
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTION_NAMES = {code: name for name, code in _REDUCTIONS.items()}
 
 
 class WeightedCrossEntropyOutput(NamedTuple):
@@ -266,10 +267,9 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
 
 def _forward_via_reference(logits, target, weight, tangent, reduction):
     """Any device without a kernel (and backend='reference' reaching the op)."""
-    names = {code: name for name, code in _REDUCTIONS.items()}
-    out = weighted_cross_entropy_reference(logits, target, weight, names[reduction], tangent=tangent)
+    out = weighted_cross_entropy_reference(logits, target, weight, _REDUCTION_NAMES[reduction], tangent=tangent)
     z = logits.float()
-    lse = torch.logsumexp(z, dim=1)
+    lse = out.per_sample_loss + z.gather(1, target.unsqueeze(1)).squeeze(1)  # l_i = lse_i - z_{i, y_i}
     directional = out.directional if out.directional is not None else z.new_empty((0,))
     return out.loss.detach().clone(), out.per_sample_loss.clone(), lse, directional, z.new_empty((0,))
 
@@ -282,8 +282,7 @@ def _forward_triton(logits, target, weight, tangent, reduction):
     tangent = None if tangent is None else tangent.contiguous()
     _, per_sample, lse, directional, grad_cache = _forward_outputs(logits, 0, tangent is not None)
     triton_kernels.forward(logits, target, tangent, per_sample, lse, directional)
-    names = {code: name for name, code in _REDUCTIONS.items()}
-    loss = _reduce(weight * per_sample, names[reduction])
+    loss = _reduce(weight * per_sample, _REDUCTION_NAMES[reduction])
     return loss, per_sample, lse, directional, grad_cache
 
 
