@@ -16,6 +16,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from utilgen.data.images import LabelledImages, resize_uint8, uint8_to_tensor
 
 CLASS_NAMES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -29,20 +32,34 @@ _FILES = {
 }
 
 
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_FILE = ASSETS_DIR / "fashion_mnist_subset.npz"  # written by scripts/make_fashion_mnist_subset.py
+LICENSE_FILE = ASSETS_DIR / "LICENSE-fashion-mnist.txt"
+
+
 class FashionMNISTUnavailable(FileNotFoundError):
     """The full Debian files are not installed."""
 
 
+_REINSTALL = "reinstall the Debian package `dataset-fashion-mnist` (apt-get install --reinstall dataset-fashion-mnist)"
+
+
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
+    """Decode a gzipped idx file of unsigned bytes; damaged files raise ValueError naming the file and the fix."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, OSError) as error:  # a cut-off download ends the gzip stream early (EOFError)
+        raise ValueError(f"{path} is not a readable gzip file ({error}); {_REINSTALL}") from error
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes, shorter than its idx header; {_REINSTALL}")
     zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08 or dims != expected_dims:
         raise ValueError(f"{path} is not an idx file of unsigned bytes with {expected_dims} dimensions")
     shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: {array.size} bytes of data for shape {shape}")
+        raise ValueError(f"{path} is truncated: {array.size} bytes of data for shape {shape}; {_REINSTALL}")
     return array.reshape(shape)
 
 
@@ -61,6 +78,45 @@ def load_debian(split: str, directory: Path | None = None) -> tuple[np.ndarray, 
         )
     images = _read_idx(image_file, 3)
     labels = _read_idx(label_file, 1).astype(np.int64)
+    if labels.size and labels.max() >= len(CLASS_NAMES):
+        raise ValueError(f"{label_file} has label {labels.max()}, Fashion-MNIST has {len(CLASS_NAMES)} classes")
     if len(images) != len(labels):
         raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels")
     return images, labels
+
+
+def load_debian_images(split: str, image_size: int = 16, directory: Path | None = None) -> LabelledImages:
+    """The full Debian ``split`` as ``LabelledImages``: images (N, 1, image_size, image_size) float32 in [0, 1].
+
+    Raises ``FashionMNISTUnavailable`` (naming the Debian package) when the files are absent.
+    """
+    images, labels = load_debian(split, directory)  # (N, 28, 28) uint8, (N,) int64
+    return LabelledImages(
+        images=uint8_to_tensor(resize_uint8(images, image_size)),
+        labels=torch.from_numpy(labels),
+        class_names=CLASS_NAMES,
+        sources=tuple(f"fashion-mnist:{split}:{i}" for i in range(len(labels))),
+    )
+
+
+def load_embedded(image_size: int = 16) -> LabelledImages:
+    """The subset shipped with utilgen (300 test-file images per class), resized: the default task's data.
+
+    Returns images (3000, 1, image_size, image_size) float32 in [0, 1], labels (3000,) int64,
+    ``sources`` = "fashion-mnist:test:<index in the Debian test file>". Needs no Debian package.
+    """
+    if not EMBEDDED_FILE.exists():
+        raise FileNotFoundError(
+            f"the embedded Fashion-MNIST subset {EMBEDDED_FILE} is missing from this install; reinstall utilgen "
+            "or regenerate it with scripts/make_fashion_mnist_subset.py"
+        )
+    with np.load(EMBEDDED_FILE, allow_pickle=False) as archive:
+        images = archive["images"]  # (N, 28, 28) uint8
+        labels = archive["labels"].astype(np.int64)  # (N,)
+        indices = archive["indices"]  # (N,) int32 into the Debian test file
+    return LabelledImages(
+        images=uint8_to_tensor(resize_uint8(images, image_size)),
+        labels=torch.from_numpy(labels),
+        class_names=CLASS_NAMES,
+        sources=tuple(f"fashion-mnist:test:{int(i)}" for i in indices),
+    )

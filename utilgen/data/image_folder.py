@@ -1,0 +1,255 @@
+"""ImageFolder datasets: ``root/<class name>/**/<image>``, decoded with Pillow.
+
+- Classes are the non-hidden sub-folders of ``root``, sorted by name; label =
+  position in that list. Pass ``class_names`` (the list saved with a run) to
+  demand exactly those folders on resume.
+- Hidden files and folders (name starting with ".") are ignored; so are plain
+  files directly under ``root`` (listed in the report).
+- Every other file must decode: ``verify()`` then a full ``load()``, so a
+  truncated file is an error, never a silently grey-padded image (Pillow's
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False, its default).
+- Images are converted to 8-bit L (channels=1) or RGB (channels=3), then
+  resized with ``images.RESIZE_FILTER`` (bicubic, antialiased) to
+  image_size x image_size.
+- Problems (undecodable or truncated files, unreadable paths, empty classes)
+  raise ``ImageFolderError`` listing all of them; with ``on_error="skip"`` the
+  bad files are skipped, classes left empty are dropped, and both are counted
+  in the ``ImageFolderReport``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from utilgen.data.images import RESIZE_FILTER_NAME, LabelledImages, resize_pil, uint8_to_tensor
+
+_MODES = {1: "L", 3: "RGB"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_MAX_LISTED = 50  # the exception message lists this many problems; ``problems`` holds them all
+
+
+class ImageFolderError(ValueError):
+    """The folder cannot be loaded as asked. ``problems``: (path, reason) for every offending file or class."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        self.problems = list(problems or [])
+        if self.problems:
+            listed = "\n".join(f"  {path}: {reason}" for path, reason in self.problems[:_MAX_LISTED])
+            more = len(self.problems) - _MAX_LISTED
+            message = f"{message}\n{listed}" + (f"\n  ... and {more} more" if more > 0 else "")
+        super().__init__(message)
+
+
+@dataclass
+class ImageFolderReport:
+    """What ``load_image_folder`` read, skipped and ignored; ``to_dict()`` is JSON-ready for the run directory."""
+
+    root: str
+    class_names: tuple[str, ...]
+    counts: dict[str, int]  # images loaded per class
+    image_size: int
+    channels: int
+    resize_filter: str = RESIZE_FILTER_NAME
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    dropped_classes: list[str] = field(default_factory=list)  # empty after skipping (on_error="skip")
+    ignored_root_files: list[str] = field(default_factory=list)  # plain files directly under root
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def to_dict(self) -> dict:
+        return {
+            "root": self.root,
+            "class_names": list(self.class_names),
+            "counts": dict(self.counts),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "resize_filter": self.resize_filter,
+            "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped_files],
+            "dropped_classes": list(self.dropped_classes),
+            "ignored_root_files": list(self.ignored_root_files),
+        }
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    *,
+    image_size: int,
+    channels: int = 3,
+    on_error: str = "raise",
+    class_names: tuple[str, ...] | list[str] | None = None,
+) -> tuple[LabelledImages, ImageFolderReport]:
+    """Load ``root/<class>/...`` images as (N, channels, image_size, image_size) float32 in [0, 1].
+
+    on_error: "raise" (default) -> ``ImageFolderError`` listing every bad file / empty class;
+              "skip" -> skip them and record them in the report.
+    class_names: when given, the class folders must be exactly these (the frozen list of a run);
+              labels follow this order.
+    ``sources`` of the result are the file paths.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if channels not in _MODES:
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    root = Path(root)
+    class_dirs, ignored_root_files = _class_folders(root)
+    if class_names is not None:
+        class_dirs = _match_frozen_classes(root, class_dirs, tuple(class_names))
+
+    problems: list[tuple[str, str]] = []  # (path, reason) of files and folders that failed
+    files_per_class: dict[str, list[Path]] = {}
+    for name, folder in class_dirs.items():
+        files_per_class[name] = _files_under(folder, problems)
+
+    pixels: list[np.ndarray] = []  # each (image_size, image_size[, 3]) uint8
+    labels: list[int] = []
+    sources: list[str] = []
+    counts: dict[str, int] = {}
+    kept_names: list[str] = []
+    dropped: list[str] = []
+    for name, files in files_per_class.items():
+        decoded = 0
+        for path in files:
+            try:
+                pixels.append(_decode(path, channels, image_size))
+            except Exception as error:  # noqa: BLE001 - any decoder failure is a property of the file
+                problems.append((str(path), _reason(error)))
+                continue
+            labels.append(len(kept_names))
+            sources.append(str(path))
+            decoded += 1
+        if decoded == 0:
+            dropped.append(name)
+            continue
+        kept_names.append(name)
+        counts[name] = decoded
+
+    empty = [(str(class_dirs[name]), "class has no loadable images") for name in dropped]
+    if (problems or empty) and on_error == "raise":
+        raise ImageFolderError(
+            f"ImageFolder {root}: {len(problems)} problem(s). Fix or remove these files and folders, or pass "
+            "on_error='skip' to skip them (they are then counted in the report):",
+            problems + empty,
+        )
+    if class_names is not None and dropped:
+        raise ImageFolderError(f"ImageFolder {root}: classes of the saved class list have no images: {dropped}")
+    if not kept_names:
+        raise ImageFolderError(f"ImageFolder {root}: no class has a loadable image", problems + empty)
+
+    images = uint8_to_tensor(np.stack(pixels))  # (N, C, S, S)
+    data = LabelledImages(images, torch.tensor(labels, dtype=torch.int64), tuple(kept_names), tuple(sources))
+    report = ImageFolderReport(
+        root=str(root),
+        class_names=tuple(kept_names),
+        counts=counts,
+        image_size=image_size,
+        channels=channels,
+        skipped_files=problems,
+        dropped_classes=dropped,
+        ignored_root_files=ignored_root_files,
+    )
+    return data, report
+
+
+def _class_folders(root: Path) -> tuple[dict[str, Path], list[str]]:
+    """{class name: folder} sorted by name, and the plain files found directly under root."""
+    if not root.exists():
+        raise ImageFolderError(f"ImageFolder root {root} does not exist")
+    if not root.is_dir():
+        raise ImageFolderError(f"ImageFolder root {root} is not a folder")
+    try:
+        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    except OSError as error:
+        raise ImageFolderError(f"ImageFolder root {root} cannot be listed: {error}") from error
+    folders = {e.name: Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()}
+    stray = [e.path for e in entries if not e.name.startswith(".") and not e.is_dir()]
+    if not folders:
+        raise ImageFolderError(
+            f"ImageFolder root {root} has no class folders: put the images of each class in their own "
+            "sub-folder (root/<class name>/<image>)"
+        )
+    return folders, stray
+
+
+def _match_frozen_classes(root: Path, found: dict[str, Path], expected: tuple[str, ...]) -> dict[str, Path]:
+    missing = [name for name in expected if name not in found]
+    extra = [name for name in found if name not in expected]
+    if missing or extra:
+        raise ImageFolderError(
+            f"ImageFolder {root} does not match the saved class list {list(expected)}: "
+            f"missing folders {missing}, unexpected folders {extra}"
+        )
+    return {name: found[name] for name in expected}
+
+
+def _files_under(folder: Path, problems: list[tuple[str, str]]) -> list[Path]:
+    """Non-hidden files below ``folder`` (recursively, symlinks followed once), sorted; listing errors -> problems."""
+    files: list[Path] = []
+    seen_dirs: set[str] = set()
+
+    def walk(directory: Path) -> None:
+        real = os.path.realpath(directory)
+        if real in seen_dirs:  # a symlink loop or a folder linked twice
+            return
+        seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            problems.append((str(directory), f"cannot list folder: {error.strerror or error}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                walk(Path(entry.path))
+            else:
+                files.append(Path(entry.path))  # dangling links too: they fail to open and get reported
+
+    walk(folder)
+    return files
+
+
+def _decode(path: Path, channels: int, image_size: int) -> np.ndarray:
+    """One file -> (image_size, image_size) or (image_size, image_size, 3) uint8; raises on any defect."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; utilgen needs it False to detect truncation")
+    with Image.open(path) as probe:
+        probe.verify()  # structure and checksums (PNG CRCs); the image is unusable afterwards
+    with Image.open(path) as image:
+        image.load()  # full decode: a truncated file raises here
+        image = ImageOps.exif_transpose(image)  # photos stored rotated with an EXIF flag
+        image = _to_8bit(image, _MODES[channels])
+        return np.asarray(resize_pil(image, image_size))
+
+
+def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to 8-bit ``mode``; 16-bit grey is scaled (Pillow's convert would clip it), alpha is put on white."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        image = Image.fromarray(scaled, mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # What a viewer shows, not the arbitrary colour stored under alpha = 0.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image Pillow can decode"
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"unreadable: {error.strerror or error}"
+    message = str(error)
+    if "truncated" in message.lower():
+        return f"truncated image: {message}"
+    return f"corrupt image ({type(error).__name__}: {message})"
