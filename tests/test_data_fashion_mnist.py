@@ -16,7 +16,9 @@ from utilgen.data import fashion_mnist
 from utilgen.data.fashion_mnist import CLASS_NAMES, FashionMNISTUnavailable, load_debian, load_embedded
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN_PRESENT = all((fashion_mnist.DEBIAN_DIR / name).exists() for pair in fashion_mnist._FILES.values() for name in pair)
+DEBIAN_PRESENT = all(
+    (fashion_mnist.DEBIAN_DIR / name).exists() for pair in fashion_mnist._FILES.values() for name in pair
+)
 needs_debian = pytest.mark.skipif(not DEBIAN_PRESENT, reason="Debian package dataset-fashion-mnist not installed")
 
 

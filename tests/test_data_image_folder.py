@@ -95,7 +95,9 @@ def test_bad_files_are_listed(folder):
         load_image_folder(folder, image_size=8)
     message = str(info.value)
     problems = dict(info.value.problems)
-    assert set(problems) == {str(folder / p) for p in ("dog/notes.txt", "dog/corrupt.png", "cat/truncated.png", "cat/dangling.png")}
+    assert set(problems) == {
+        str(folder / p) for p in ("dog/notes.txt", "dog/corrupt.png", "cat/truncated.png", "cat/dangling.png")
+    }
     assert "not an image" in problems[str(folder / "dog" / "notes.txt")]
     assert "unreadable" in problems[str(folder / "cat" / "dangling.png")]
     for path in problems:

@@ -39,7 +39,10 @@ def test_create_concat_subset_to_labelled():
     valued = picked.with_utilities(torch.tensor([0.5, -1.0]))
     assert valued.utilities.tolist() == [0.5, -1.0] and torch.isnan(picked.utilities).all()
     labelled = valued.to_labelled()
-    assert isinstance(labelled, LabelledImages) and labelled.sources == ("synthetic:r1-mlco-c2-s102", "synthetic:r0-initial-c0-s0")
+    assert isinstance(labelled, LabelledImages) and labelled.sources == (
+        "synthetic:r1-mlco-c2-s102",
+        "synthetic:r0-initial-c0-s0",
+    )
 
 
 def test_invalid_pools_and_concats():
@@ -51,7 +54,9 @@ def test_invalid_pools_and_concats():
     with pytest.raises(ValueError, match="1 or 3 channels"):
         SyntheticPool.create(torch.rand(3, 2, 4, 4), good.labels, CLASSES, good.seeds, round=0, stage="x")
     with pytest.raises(ValueError, match="prompt_embeds"):
-        SyntheticPool.create(good.images, good.labels, CLASSES, good.seeds, round=0, stage="x", prompt_embeds=torch.rand(2, 3, 4))
+        SyntheticPool.create(
+            good.images, good.labels, CLASSES, good.seeds, round=0, stage="x", prompt_embeds=torch.rand(2, 3, 4)
+        )
     bare = SyntheticPool.create(good.images, good.labels, CLASSES, good.seeds, round=0, stage="x")
     with pytest.raises(ValueError, match="one without"):
         good.concat(bare)
@@ -80,7 +85,9 @@ def test_save_load_round_trip(tmp_path, channels):
 
 def test_saved_tree_is_an_image_folder_with_the_same_labels(tmp_path):
     classes = tuple(f"class{k}" for k in range(12))  # >10 classes: folder order must still be label order
-    pool = SyntheticPool.create(torch.rand(12, 1, 4, 4), torch.arange(12).flip(0), classes, torch.arange(12), round=0, stage="s")
+    pool = SyntheticPool.create(
+        torch.rand(12, 1, 4, 4), torch.arange(12).flip(0), classes, torch.arange(12), round=0, stage="s"
+    )
     pool.save(tmp_path / "pool")
     data, _ = load_image_folder(tmp_path / "pool" / "images", image_size=4, channels=1)
     assert data.class_names[3] == "03_class3"
@@ -89,7 +96,9 @@ def test_saved_tree_is_an_image_folder_with_the_same_labels(tmp_path):
 
 
 def test_pool_without_optional_tensors_and_empty_pool(tmp_path):
-    bare = SyntheticPool.create(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), CLASSES, torch.tensor([5, 6]), round=2, stage="ilpo")
+    bare = SyntheticPool.create(
+        torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), CLASSES, torch.tensor([5, 6]), round=2, stage="ilpo"
+    )
     bare.save(tmp_path / "bare")
     loaded = SyntheticPool.load(tmp_path / "bare")
     assert loaded.prompt_embeds is None and loaded.noises is None and loaded.rounds.tolist() == [2, 2]

@@ -90,7 +90,11 @@ def test_save_load_rebuild(tmp_path):
 
 def test_rebuild_detects_changed_data(tmp_path):
     data = _data()
-    saved = load_split_indices(save_splits(make_splits(data, shots_per_class=1, meta_per_class=1, test_per_class=1, seed=0), tmp_path / "s.json"))
+    saved = load_split_indices(
+        save_splits(
+            make_splits(data, shots_per_class=1, meta_per_class=1, test_per_class=1, seed=0), tmp_path / "s.json"
+        )
+    )
     renamed = LabelledImages(data.images, data.labels, ("a", "b", "z"), data.sources)
     with pytest.raises(ValueError, match="made for classes"):
         splits_from_indices(renamed, saved)

@@ -26,7 +26,10 @@ RESIZE_FILTER_NAME = "bicubic (Pillow, antialiased)"
 
 
 def resize_pil(image: Image.Image, size: int) -> Image.Image:
-    """Resize an 8-bit L or RGB Pillow image to ``size`` x ``size`` (aspect ratio not kept: no crop loses the object)."""
+    """Resize an 8-bit L or RGB Pillow image to ``size`` x ``size``.
+
+    The aspect ratio is not kept: a crop could cut off the object that defines the class.
+    """
     if image.size == (size, size):
         return image
     return image.resize((size, size), RESIZE_FILTER)

@@ -147,7 +147,8 @@ class SyntheticPool:
     def __repr__(self) -> str:
         valued = int((~torch.isnan(self.utilities)).sum())
         return (
-            f"SyntheticPool(n={len(self)}, image_shape={tuple(self.images.shape[1:])}, classes={len(self.class_names)}, "
+            f"SyntheticPool(n={len(self)}, image_shape={tuple(self.images.shape[1:])}, "
+            f"classes={len(self.class_names)}, "
             f"rounds={sorted(set(self.rounds.tolist()))}, stages={sorted(set(self.stages))}, valued={valued})"
         )
 
@@ -155,7 +156,9 @@ class SyntheticPool:
         """A readable identity per image: r<round>-<stage>-c<label>-s<seed>."""
         return [
             f"r{r}-{stage}-c{label}-s{seed}"
-            for r, stage, label, seed in zip(self.rounds.tolist(), self.stages, self.labels.tolist(), self.seeds.tolist())
+            for r, stage, label, seed in zip(
+                self.rounds.tolist(), self.stages, self.labels.tolist(), self.seeds.tolist()
+            )
         ]
 
     def subset(self, indices: Sequence[int] | Tensor | np.ndarray) -> SyntheticPool:
@@ -186,14 +189,18 @@ class SyntheticPool:
         if other.class_names != self.class_names:
             raise ValueError(f"cannot concat pools with different classes: {self.class_names} vs {other.class_names}")
         if other.images.shape[1:] != self.images.shape[1:]:
-            raise ValueError(f"cannot concat image shapes {tuple(self.images.shape[1:])} and {tuple(other.images.shape[1:])}")
+            raise ValueError(
+                f"cannot concat image shapes {tuple(self.images.shape[1:])} and {tuple(other.images.shape[1:])}"
+            )
         joined = {}
         for name in ("prompt_embeds", "noises"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if (mine is None) != (theirs is None):
                 raise ValueError(f"cannot concat a pool with {name} and one without")
             if mine is not None and mine.shape[1:] != theirs.shape[1:]:
-                raise ValueError(f"cannot concat {name} of shapes {tuple(mine.shape[1:])} and {tuple(theirs.shape[1:])}")
+                raise ValueError(
+                    f"cannot concat {name} of shapes {tuple(mine.shape[1:])} and {tuple(theirs.shape[1:])}"
+                )
             joined[name] = None if mine is None else torch.cat([mine, theirs.to(mine.device)])
         return SyntheticPool(
             images=torch.cat([self.images, other.images.to(self.images.device)]),
@@ -287,7 +294,9 @@ class SyntheticPool:
         """Read a pool written by ``save``; raises ``SyntheticPoolError`` naming what is missing or inconsistent."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"no synthetic pool at {directory}: the folder does not exist{_swap_hint(directory)}")
+            raise FileNotFoundError(
+                f"no synthetic pool at {directory}: the folder does not exist{_swap_hint(directory)}"
+            )
         metadata_path, tensors_path = directory / METADATA_FILE, directory / TENSORS_FILE
         if not metadata_path.exists():
             raise SyntheticPoolError(
@@ -318,15 +327,18 @@ class SyntheticPool:
             raise SyntheticPoolError(f"synthetic pool {directory} is missing {len(missing)} image file(s):\n  {listed}")
         for line, row in enumerate(rows, start=1):
             label = row["label"]
-            if not (isinstance(label, int) and 0 <= label < len(class_names)) or class_names[label] != row["class_name"]:
+            if (
+                not (isinstance(label, int) and 0 <= label < len(class_names))
+                or class_names[label] != row["class_name"]
+            ):
                 raise SyntheticPoolError(
                     f"{metadata_path} line {line}: label {label!r} / class {row['class_name']!r} do not match the "
                     f"class list {list(class_names)}"
                 )
 
-        pixels = np.stack([_read_png(directory / row["file"], channels, height, width) for row in rows]) if rows else (
-            np.zeros((0, height, width, channels), dtype=np.uint8)
-        )  # (N, H, W, C) uint8
+        pixels = np.zeros((len(rows), height, width, channels), dtype=np.uint8)  # (N, H, W, C)
+        for i, row in enumerate(rows):
+            pixels[i] = _read_png(directory / row["file"], channels, height, width)
         return cls(
             images=uint8_to_tensor(pixels),
             labels=torch.tensor([row["label"] for row in rows], dtype=torch.int64),
