@@ -203,3 +203,14 @@ def test_damaged_pools_give_clear_errors(tmp_path):
     (directory / "images" / "0_t-shirt_top" / "000000-r0-initial-s0.png").write_bytes(b"broken")
     with pytest.raises(SyntheticPoolError, match="does not decode"):
         SyntheticPool.load(directory)
+
+
+def test_atomic_outputs_get_ordinary_file_permissions(tmp_path):
+    import os
+
+    from utilgen.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
