@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model and tiny data (smoke test)")
     parser.add_argument("--evaluate", action="store_true", help="measure recognisability and sampling speed")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="no training: evaluate the verified weights already in --out (updates its report)")
+    parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
+                        help="storage precision of the saved weights (float16 halves the committed file; "
+                        "loading casts back to float32)")
     parser.add_argument("--eval-samples", type=int, default=500)
-    parser.add_argument("--probe-steps", type=int, default=400)
+    parser.add_argument("--probe-steps", type=int, default=1500, help="training steps of the real-data CNN probe")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -155,6 +160,7 @@ def evaluate(generator, images, labels, *, samples: int, probe_steps: int, guida
     return {
         "probe_accuracy_on_real_held_out": round(accuracy(real[:held_out], labels[:held_out]), 4),
         "probe_accuracy_on_samples": round(accuracy(fake, sample_labels), 4),
+        "probe_steps": probe_steps,
         "probe_accuracy_per_class": [round(a, 3) for a in per_class],
         "samples": samples,
         "guidance_scale": guidance,
@@ -168,30 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from utilgen.generator.embedded import TINY_CONFIG, EmbeddedConfig, EmbeddedGenerator, save_weights
+    from utilgen.generator.embedded import TINY_CONFIG, EmbeddedConfig, EmbeddedGenerator, load_weights, save_weights
     from utilgen.io import atomic_write_json
 
     torch.manual_seed(args.seed)
     config = TINY_CONFIG if args.tiny else EmbeddedConfig()
-    generator = EmbeddedGenerator(config)
-    images, labels = _training_images(generator, limit=512 if args.tiny else None)
     progress = not args.quiet
-    start = time.perf_counter()
-    ema, losses = train(generator, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        class_dropout=args.class_dropout, ema_decay=args.ema_decay, seed=args.seed,
-                        progress=progress)  # fmt: skip
-    train_seconds = time.perf_counter() - start
-    save_weights(ema, args.out)
-    report = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "class_dropout": args.class_dropout,
-        "ema_decay": args.ema_decay, "seed": args.seed, "config": "tiny" if args.tiny else "default",
-        "parameters": sum(p.numel() for p in ema.denoiser.parameters()) + ema.class_embedding.weight.numel(),
-        "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(args.steps, 1), 3),
-        "final_loss_mean_last_50": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 5),
-        "training_data": "Fashion-MNIST Debian train file (disjoint from the task's test-file images)",
-        "threads": torch.get_num_threads(),
-    }  # fmt: skip
-    if args.evaluate:
+    report_path = args.out / "pretrain_report.json"
+    if args.evaluate_only:
+        ema = load_weights(args.out)
+        images, labels = _training_images(ema, limit=512 if args.tiny else None)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    else:
+        generator = EmbeddedGenerator(config)
+        images, labels = _training_images(generator, limit=512 if args.tiny else None)
+        start = time.perf_counter()
+        ema, losses = train(generator, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            class_dropout=args.class_dropout, ema_decay=args.ema_decay, seed=args.seed,
+                            progress=progress)  # fmt: skip
+        train_seconds = time.perf_counter() - start
+        save_weights(ema, args.out, dtype=getattr(torch, args.weights_dtype))
+        ema = load_weights(args.out)  # evaluate exactly what was saved (storage precision included)
+        report = {
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "class_dropout": args.class_dropout,
+            "ema_decay": args.ema_decay, "seed": args.seed, "config": "tiny" if args.tiny else "default",
+            "weights_dtype": args.weights_dtype,
+            "parameters": sum(p.numel() for p in ema.denoiser.parameters()) + ema.class_embedding.weight.numel(),
+            "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(args.steps, 1), 3),
+            "final_loss_mean_last_50": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 5),
+            "training_data": "Fashion-MNIST Debian train file (disjoint from the task's test-file images)",
+            "threads": torch.get_num_threads(),
+        }  # fmt: skip
+    if args.evaluate or args.evaluate_only:
         report["evaluation"] = evaluate(ema, images, labels, samples=args.eval_samples, probe_steps=args.probe_steps,
                                         guidance=args.guidance, sampling_steps=args.sampling_steps, seed=args.seed,
                                         progress=progress)  # fmt: skip

@@ -196,17 +196,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_weights(generator: EmbeddedGenerator, directory: str | Path) -> Path:
-    """Write weights (safetensors), config (JSON) and a sha256sum-format checksum, each atomically.
+def save_weights(generator: EmbeddedGenerator, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write weights (safetensors, floats stored as ``dtype``), config (JSON) and a sha256sum-format checksum.
 
-    The checksum is written last: a directory with a checksum file is complete.
+    Each file is written atomically, the checksum last: a directory with a
+    checksum file is complete. Loading casts back to the model's float32.
     """
     from safetensors.torch import save
 
     from utilgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     directory = Path(directory)
-    weights = atomic_write_bytes(directory / WEIGHTS_NAME, save(generator.state_dict(), metadata={"format": "pt"}))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in generator.state_dict().items()}
+    weights = atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_NAME, dataclasses.asdict(generator.config))
     atomic_write_text(directory / CHECKSUM_NAME, f"{sha256_of(weights)}  {WEIGHTS_NAME}\n")
     return directory

@@ -84,11 +84,12 @@ def predict_x0_one_step(
 ) -> torch.Tensor:
     """images (N, C, H, W) in [0, 1]: the x0 the denoiser predicts from x_t = ``noise`` in one call.
 
-    ``t`` defaults to the first timestep of the sampler (the noisiest), where the
-    initial noise is x_T. The cheapest differentiable proxy: one denoiser call.
+    ``t`` defaults to the last training timestep T - 1, where the initial noise is
+    x_T (not a 1-step schedule's timestep: with "leading" spacing that is t = 1).
+    The cheapest differentiable proxy: one denoiser call.
     """
     if t is None:
-        t = generator.timesteps(1)[0]
+        t = int(generator.scheduler.config.num_train_timesteps) - 1
     eps = _guided_eps(generator, noise, t, prompt_embeds, guidance_scale, checkpoint)
     a_t = generator.alpha_bar(t)
     x0 = (noise - (1 - a_t) ** 0.5 * eps) / a_t**0.5
