@@ -58,6 +58,17 @@ def test_guidance_formula():
     torch.testing.assert_close(guided, null + 3.0 * (cond - null), atol=1e-5, rtol=1e-5)
 
 
+def test_per_sample_timesteps_match_one_call_per_timestep():
+    gen = tiny_embedded()
+    x, prompts = gen.initial_noise([1, 2, 3]), gen.class_prompt_embeds([0, 1, 2])
+    timesteps = torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        together = gen.predict_noise(x, timesteps, prompts, 2.0)
+        one_by_one = torch.cat([gen.predict_noise(x[i : i + 1], int(t), prompts[i : i + 1], 2.0)
+                                for i, t in enumerate(timesteps)])  # fmt: skip
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
+
+
 def test_class_prompt_embeds_rejects_unknown_classes():
     gen = tiny_embedded()
     with pytest.raises(ValueError, match="labels must lie in"):

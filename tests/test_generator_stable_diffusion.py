@@ -128,6 +128,10 @@ def test_v_prediction_is_converted_to_epsilon(tmp_path):
         eps = sd.predict_noise(x, t, prompts, 1.0)
     a = sd.alpha_bar(t)
     torch.testing.assert_close(eps, a**0.5 * v + (1 - a) ** 0.5 * x)
+    with torch.no_grad():  # per-sample timesteps convert with their own alphas
+        both = sd.predict_noise(torch.cat([x, x]), torch.tensor([t, 100]), torch.cat([prompts, prompts]), 1.0)
+        at_100 = sd.predict_noise(x, 100, prompts, 1.0)
+    torch.testing.assert_close(both, torch.cat([eps, at_100]), atol=1e-5, rtol=1e-5)
 
 
 # ---- attention choice ----------------------------------------------------------------------

@@ -122,20 +122,22 @@ class Generator(ABC):
         scheduler.set_timesteps(steps)
         return [int(t) for t in scheduler.timesteps]
 
-    def _eps_from_output(self, output: torch.Tensor, latents: torch.Tensor, t: int) -> torch.Tensor:
+    def _eps_from_output(self, output: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
             return output
-        if prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t
-            a = self.alpha_bar(t)
-            return a**0.5 * output + (1 - a) ** 0.5 * latents
+        if prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t, per sample
+            alphas = self.scheduler.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)
+            a = alphas[timestep].view(-1, *([1] * (latents.dim() - 1)))
+            return a.sqrt() * output + (1 - a).sqrt() * latents
         raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
 
     def predict_noise(
-        self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor, guidance_scale: float = 1.0
+        self, latents: torch.Tensor, t: int | torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         """Guided epsilon (N, C, H, W) at timestep ``t`` for latents (N, C, H, W) and prompts (N, L, D).
 
+        ``t``: one training timestep for all, or (N,) per sample (DPO's random timesteps).
         eps = eps_null + guidance_scale * (eps_cond - eps_null); at guidance 1 the
         null branch is skipped. Differentiable in latents, prompts and the denoiser.
         Both branches run as one batch of 2N: one UNet call instead of two.
@@ -143,10 +145,10 @@ class Generator(ABC):
         n = latents.shape[0]
         if prompt_embeds.shape[0] != n:
             raise ValueError(f"{n} latents but {prompt_embeds.shape[0]} prompt embeddings")
-        timestep = torch.full((n,), int(t), device=latents.device, dtype=torch.long)
+        timestep = torch.as_tensor(t, device=latents.device, dtype=torch.long).expand(n).contiguous()  # (N,)
         if guidance_scale == 1.0:
             output = self.denoiser(latents, timestep, encoder_hidden_states=prompt_embeds).sample
-            return self._eps_from_output(output, latents, t)
+            return self._eps_from_output(output, latents, timestep)
         null = self.null_prompt_embeds(n).to(prompt_embeds.dtype)
         both = self.denoiser(
             torch.cat([latents, latents]), torch.cat([timestep, timestep]),
@@ -154,7 +156,7 @@ class Generator(ABC):
         ).sample  # fmt: skip
         output_null, output_cond = both.chunk(2)
         output = output_null + guidance_scale * (output_cond - output_null)
-        return self._eps_from_output(output, latents, t)
+        return self._eps_from_output(output, latents, timestep)
 
     def ddim_update(
         self, latents: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, clip_sample: bool
