@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--info",
         action="store_true",
         help="print versions, whether utilgen._C loaded (and why not), CUDA/Triton availability "
-        "and the backend each op would use, with the reasons",
+        "the backend each op would use and the generator's attention (xformers/SDPA), with the reasons",
     )
     parser.add_argument("--json", action="store_true", help="with --info: print the report as JSON")
     return parser
@@ -32,13 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.info:
         from utilgen import ops  # imports torch
+        from utilgen.generator.attention import attention_info
 
+        generator_attention = attention_info()
         if args.json:
             import json
 
-            print(json.dumps(ops.info(), indent=2, default=str))
+            print(json.dumps({**ops.info(), "generator": {"attention": generator_attention}}, indent=2, default=str))
         else:
             print(ops.info_text())
+            print(f"generator attention [{generator_attention['device']}]: auto -> {generator_attention['auto']} "
+                  f"({generator_attention['reason']})")  # fmt: skip
         return 0
     print(
         "utilgen: the end-to-end UtilGen run (data, generator, TODV, MLCO, ILPO, evaluation) is not in "
