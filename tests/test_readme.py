@@ -25,3 +25,15 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.skipif(not (ROOT / "README.md").exists(), reason="runs from a source checkout only")
 def test_readme_run_command_runs_utilgen():
     assert any("python -m utilgen.run" in c and c.startswith("python3 -m venv") for c in _readme_commands())
+
+
+@pytest.mark.skipif(not (ROOT / "README.md").exists(), reason="runs from a source checkout only")
+def test_readme_python_example_runs():
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "the README has no Python example"
+    code = blocks[0] + "\nassert images.shape == (8, 1, 16, 16) and 0 <= images.min() and images.max() <= 1\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
