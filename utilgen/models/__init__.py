@@ -1,0 +1,6 @@
+"""Downstream classifiers and the TODV weight network."""
+
+from utilgen.models.classifier import CLASSIFIERS, build_classifier
+from utilgen.models.weight_net import FEATURES, WeightNet, per_sample_features
+
+__all__ = ["CLASSIFIERS", "build_classifier", "FEATURES", "WeightNet", "per_sample_features"]
