@@ -1,0 +1,1 @@
+"""TODV: task-oriented data valuation (METHOD.md, stage 1)."""
