@@ -18,7 +18,7 @@ def _cnn():
     )
 
 
-def _problem(classifier, *, features=("loss",), n=16, m=11, classes=5, image=8, mask=None, lr=0.5):
+def _problem(classifier, *, features=("loss",), n=16, m=11, classes=5, image=8, mask=None, lr=0.5, normalize=False):
     x, y = torch.rand(n, 1, image, image), torch.randint(0, classes, (n,))
     xm, ym = torch.rand(m, 1, image, image), torch.randint(0, classes, (m,))
     buffers = dict(classifier.named_buffers())
@@ -28,7 +28,7 @@ def _problem(classifier, *, features=("loss",), n=16, m=11, classes=5, image=8, 
         return functional_call(classifier, {**params, **{k: b.clone() for k, b in buffers.items()}}, (inputs,))
 
     params = {name: p.detach() for name, p in classifier.named_parameters()}
-    return Lookahead(model_fn, params, WeightNet(features=features), features, x, y, xm, ym, lr, mask)
+    return Lookahead(model_fn, params, WeightNet(features=features), features, x, y, xm, ym, lr, mask, normalize)
 
 
 def _flat(grads: dict) -> torch.Tensor:
@@ -39,9 +39,10 @@ def _relative_error(got: dict, expected: dict) -> float:
     return float((_flat(got) - _flat(expected)).norm() / _flat(expected).norm())
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("features", [("loss",), ("loss", "entropy", "margin")])
-def test_directional_equals_exact(features):
-    problem = _problem(_cnn(), features=features)
+def test_directional_equals_exact(features, normalize):
+    problem = _problem(_cnn(), features=features, normalize=normalize)
     expected = meta_gradient(problem, "exact")
     got = meta_gradient(problem, "directional")
     assert _flat(expected.phi_grads).abs().max() > 0  # not vacuous
@@ -55,12 +56,15 @@ def test_directional_equals_exact_with_dropout_and_fixed_real_weights():
     """Dropout masks are replayed in the second pass at theta; masked rows (real samples) get w = 1."""
     classifier = build_classifier("cnn-small", num_classes=5, in_channels=1, image_size=8)  # dropout 0.1, train mode
     mask = torch.arange(16) % 3 != 0
-    problem = _problem(classifier, mask=mask, lr=0.1)
+    problem = _problem(classifier, mask=mask, lr=0.1, normalize=True)
     torch.manual_seed(1)
     expected = meta_gradient(problem, "exact")
     torch.manual_seed(1)
     got = meta_gradient(problem, "directional")
-    assert torch.equal(got.weights[~mask], torch.ones(int((~mask).sum())))
+    raw = _problem(classifier, mask=mask, lr=0.1)
+    torch.manual_seed(1)
+    assert torch.equal(meta_gradient(raw, "directional").weights[~mask], torch.ones(int((~mask).sum())))
+    torch.testing.assert_close(got.weights.mean(), torch.tensor(1.0))
     assert _relative_error(got.phi_grads, expected.phi_grads) < 1e-4
 
 

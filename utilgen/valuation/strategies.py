@@ -60,6 +60,9 @@ class Lookahead:
     inner_lr: a, the virtual step's learning rate.
     weight_mask: (N,) bool or None; False rows get weight 1 and no meta-gradient
         (real samples when the trainer fixes their weights).
+    normalize: use w_i N / sum_j w_j (batch mean 1) in the virtual step, as
+        Meta-Weight-Net's released code does; the meta-gradient then flows
+        through the normalisation too (see ``effective_weights``).
     """
 
     model_fn: ModelFn
@@ -72,13 +75,14 @@ class Lookahead:
     meta_targets: torch.Tensor
     inner_lr: float
     weight_mask: torch.Tensor | None = None
+    normalize: bool = False
 
 
 class MetaGradient(NamedTuple):
     phi_grads: dict[str, torch.Tensor]  # name -> dL_v/dphi, keyed like weight_net.named_parameters()
     meta_loss: torch.Tensor  # () L_v(theta'), detached
     per_sample_loss: torch.Tensor  # (N,) l_i(theta), detached
-    weights: torch.Tensor  # (N,) w_i of the virtual step, detached
+    weights: torch.Tensor  # (N,) effective w_i of the virtual step (normalised if asked), detached
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -101,13 +105,25 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), cuda_states
 
 
-def _weights(problem: Lookahead, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """w (N,) = W_phi(features), differentiable w.r.t. phi only; masked rows are 1."""
-    features = per_sample_features(per_sample_loss, logits.detach(), problem.targets, tuple(problem.features))  # (N, F)
-    weights = problem.weight_net(features)  # (N,)
-    if problem.weight_mask is not None:
-        weights = torch.where(problem.weight_mask, weights, torch.ones_like(weights))
+def effective_weights(raw: torch.Tensor, weight_mask: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """(N,) weights the loss uses: masked rows 1, then optionally scaled to batch mean 1.
+
+    Why normalise: with raw weights the look-ahead's first-order gain is to
+    scale every weight up (a larger effective step lowers L_v early in
+    training); at smoke scale that learned an increasing w(loss) and ranked
+    30% flipped labels above clean ones (AUROC 0.09). Normalising leaves only
+    the relative weights to learn.
+    """
+    weights = raw if weight_mask is None else torch.where(weight_mask, raw, torch.ones_like(raw))
+    if normalize:
+        weights = weights * (weights.shape[0] / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny))
     return weights
+
+
+def _weights(problem: Lookahead, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Effective w (N,) from W_phi(features), differentiable w.r.t. phi only."""
+    features = per_sample_features(per_sample_loss, logits.detach(), problem.targets, tuple(problem.features))  # (N, F)
+    return effective_weights(problem.weight_net(features), problem.weight_mask, problem.normalize)  # (N,)
 
 
 def _weight_net_params(problem: Lookahead) -> tuple[list[str], list[torch.Tensor]]:

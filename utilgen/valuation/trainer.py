@@ -1,0 +1,267 @@
+"""Bi-level TODV training (METHOD.md, stage 1; Meta-Weight-Net's one-step look-ahead).
+
+Per step on a batch of D_merge = D_r + D_g:
+
+    every ``meta_every`` steps:   phi <- Adam(phi, dL_v(theta')/dphi)       (strategy: exact | directional | FD)
+    always:                       w = W_phi(features) under no_grad
+                                  theta <- SGD(theta, grad (1/N) sum_i w_i l_i)
+
+The weighted loss is ``utilgen.ops.weighted_cross_entropy`` (weights not
+renormalised, as METHOD.md writes the objective). Real samples are weighted
+like synthetic ones by default, as Meta-Weight-Net weighs every sample;
+``fix_real_weights=True`` pins them at 1 and leaves them out of the
+meta-gradient. ``meta_every=0`` trains the same classifier without
+reweighting (all weights 1): the baseline the evidence compares against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from utilgen.data import LabelledImages
+from utilgen.models import WeightNet, build_classifier, per_sample_features
+from utilgen.ops import weighted_cross_entropy
+from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, effective_weights, meta_gradient
+from utilgen.valuation.valuation import Valuation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BiLevelConfig:
+    strategy: str = "directional"  # a key of META_GRADIENTS
+    classifier: str = "cnn-small"  # a utilgen.models.build_classifier name
+    steps: int = 400
+    batch_size: int = 128
+    meta_batch_size: int = 100
+    meta_every: int = 1  # k: meta-update every k steps; 0 = no reweighting (all weights 1)
+    inner_lr: float = 0.05  # a: SGD lr of theta and of the virtual step
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    meta_lr: float = 1e-3  # Adam on phi (Meta-Weight-Net)
+    meta_weight_decay: float = 1e-4
+    weight_net_hidden: int = 100
+    features: tuple[str, ...] = ("loss",)
+    fix_real_weights: bool = False
+    normalize_weights: bool = True  # batch mean 1, as MWN's code (see strategies.effective_weights)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in META_GRADIENTS:
+            raise ValueError(f"strategy must be one of {sorted(META_GRADIENTS)}, got {self.strategy!r}")
+        for name in ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_every < 0:
+            raise ValueError(f"meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
+        object.__setattr__(self, "features", tuple(self.features))
+
+
+@dataclass
+class FitHistory:
+    """Per step: the weighted training loss and the mean weight of real and synthetic samples in the batch
+    (NaN when the batch has none); per meta step: L_v(theta')."""
+
+    loss: list[float] = field(default_factory=list)
+    mean_weight_real: list[float] = field(default_factory=list)
+    mean_weight_synthetic: list[float] = field(default_factory=list)
+    meta_step: list[int] = field(default_factory=list)
+    meta_loss: list[float] = field(default_factory=list)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; ``valuation`` and ``history`` hold the state before that step."""
+
+    def __init__(self, message: str, *, step: int, valuation: Valuation, history: FitHistory):
+        super().__init__(message)
+        self.step, self.valuation, self.history = step, valuation, history
+
+
+# --------------------------------------------------------------------------- one step of each kind
+
+
+def lookahead_model_fn(classifier: nn.Module):
+    """(params, inputs) -> logits through ``classifier`` without touching its buffers.
+
+    Buffers are cloned inside the call: BatchNorm's running-stat updates land
+    on throwaway copies, and torch.func transforms accept mutations of tensors
+    created inside them (not of captured ones).
+    """
+    buffers = dict(classifier.named_buffers())
+
+    def model_fn(params, inputs):
+        return functional_call(classifier, {**params, **{k: b.clone() for k, b in buffers.items()}}, (inputs,))
+
+    return model_fn
+
+
+def meta_update(
+    classifier: nn.Module,
+    weight_net: WeightNet,
+    meta_optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    meta_batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    strategy: str,
+    inner_lr: float,
+    weight_mask: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> MetaGradient:
+    """One look-ahead meta-gradient by ``strategy`` and one optimizer step of phi. theta is not changed.
+
+    A non-finite meta loss skips the phi step (the caller sees it in the result).
+    """
+    params = {name: p.detach() for name, p in classifier.named_parameters()}
+    problem = Lookahead(
+        lookahead_model_fn(classifier), params, weight_net, weight_net.features, batch[0], batch[1], meta_batch[0],
+        meta_batch[1], inner_lr, weight_mask, normalize,
+    )  # fmt: skip
+    out = meta_gradient(problem, strategy)
+    if not bool(torch.isfinite(out.meta_loss)):
+        return out
+    for name, p in weight_net.named_parameters():
+        p.grad = out.phi_grads[name]
+    meta_optimizer.step()
+    meta_optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def weighted_step(
+    classifier: nn.Module,
+    weight_net: WeightNet | None,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    weight_mask: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta <- SGD step on (1/N) sum_i w_i l_i, w = W_phi(features) under no_grad (all 1 without a weight net).
+
+    Returns (loss (), weights (N,)), detached. A non-finite loss skips the step, so theta stays finite.
+    """
+    inputs, targets = batch
+    logits = classifier(inputs)  # (N, K)
+    if weight_net is None:
+        weights = torch.ones(targets.shape[0], device=logits.device)
+    else:
+        with torch.no_grad():
+            losses = weighted_cross_entropy(logits.detach(), targets, reduction="none")  # (N,)
+            raw = weight_net(per_sample_features(losses, logits, targets, weight_net.features))  # (N,)
+            weights = effective_weights(raw, weight_mask, normalize)
+    loss = weighted_cross_entropy(logits, targets, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if bool(torch.isfinite(loss)):  # one host sync; the fit reads the loss each step anyway
+        optimizer.step()
+    return loss.detach(), weights
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+class _Batches:
+    """Endless shuffled mini-batches of indices, one permutation per epoch, from its own generator."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
+        self.order, self.position = torch.randperm(n, generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
+        chosen = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return chosen
+
+
+def fit_valuation(
+    real_train: LabelledImages,
+    synthetic: LabelledImages,
+    meta: LabelledImages,
+    config: BiLevelConfig = BiLevelConfig(),
+    classifier: nn.Module | None = None,
+) -> Valuation:
+    """TODV: train f_theta on real + synthetic with W_phi-weighted loss, W_phi by look-ahead on ``meta``.
+
+    ``synthetic`` may be a ``LabelledImages`` or anything with ``to_labelled()``
+    (a ``SyntheticPool``). ``classifier=None`` builds ``config.classifier``; a
+    given module is trained in place (and the result cannot be saved unless it
+    is that architecture). Raises ``NonFiniteLossError`` carrying the
+    valuation and history up to the failing step.
+    """
+    if hasattr(synthetic, "to_labelled"):
+        synthetic = synthetic.to_labelled()
+    for name, part in (("synthetic", synthetic), ("meta", meta)):
+        if part.class_names != real_train.class_names or part.image_shape != real_train.image_shape:
+            raise ValueError(f"{name} must share real_train's classes and image shape")
+    if len(meta) == 0 or len(real_train) + len(synthetic) == 0:
+        raise ValueError("need a non-empty meta set and training set")
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)  # the classifier's and weight net's initialisation, dropout
+    channels, size, _ = real_train.image_shape
+    classifier_name = config.classifier if classifier is None else None
+    if classifier is None:
+        classifier = build_classifier(config.classifier, num_classes=real_train.num_classes, in_channels=channels,
+                                      image_size=size)  # fmt: skip
+    classifier = classifier.to(device).train()
+    weight_net = WeightNet(config.weight_net_hidden, config.features).to(device)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=config.inner_lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)  # fmt: skip
+    meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay)
+
+    images = torch.cat([real_train.images, synthetic.images]).to(device)  # (N_r + N_g, C, H, W)
+    labels = torch.cat([real_train.labels, synthetic.labels]).to(device)
+    is_synthetic = torch.cat([torch.zeros(len(real_train), dtype=torch.bool), torch.ones(len(synthetic), dtype=torch.bool)])
+    is_synthetic = is_synthetic.to(device)
+    meta_images, meta_labels = meta.images.to(device), meta.labels.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = _Batches(len(labels), config.batch_size, generator)
+    meta_batches = _Batches(len(meta_labels), config.meta_batch_size, generator)
+    reweight = config.meta_every > 0
+    history = FitHistory()
+
+    def result() -> Valuation:
+        return Valuation(classifier, weight_net, real_train.class_names, real_train.image_shape, classifier_name, history)
+
+    for step in tqdm(range(config.steps), desc=f"TODV ({config.strategy})", disable=not config.progress):
+        index = batches.next().to(device)
+        batch, synthetic_rows = (images[index], labels[index]), is_synthetic[index]
+        mask = synthetic_rows if config.fix_real_weights else None
+        if reweight and step % config.meta_every == 0:
+            meta_index = meta_batches.next().to(device)
+            out = meta_update(
+                classifier, weight_net, meta_optimizer, batch, (meta_images[meta_index], meta_labels[meta_index]),
+                strategy=config.strategy, inner_lr=optimizer.param_groups[0]["lr"], weight_mask=mask,
+                normalize=config.normalize_weights,
+            )  # fmt: skip
+            meta_loss = float(out.meta_loss)
+            if not math.isfinite(meta_loss):
+                raise NonFiniteLossError(f"TODV: meta loss is {meta_loss} at step {step}", step=step, valuation=result(),
+                                         history=history)  # fmt: skip
+            history.meta_step.append(step)
+            history.meta_loss.append(meta_loss)
+        loss, weights = weighted_step(classifier, weight_net if reweight else None, optimizer, batch, weight_mask=mask,
+                                      normalize=config.normalize_weights)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"TODV: training loss is {loss} at step {step} (lower inner_lr?); the result holds steps 0..{step - 1}",
+                step=step, valuation=result(), history=history,
+            )  # fmt: skip
+        history.loss.append(loss)
+        history.mean_weight_real.append(_mean_or_nan(weights[~synthetic_rows]))
+        history.mean_weight_synthetic.append(_mean_or_nan(weights[synthetic_rows]))
+    return result()
+
+
+def _mean_or_nan(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else float("nan")
