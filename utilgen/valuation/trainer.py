@@ -6,8 +6,12 @@ Per step on a batch of D_merge = D_r + D_g:
     always:                       w = W_phi(features) under no_grad
                                   theta <- SGD(theta, grad (1/N) sum_i w_i l_i)
 
-The weighted loss is ``utilgen.ops.weighted_cross_entropy`` (weights not
-renormalised, as METHOD.md writes the objective). Real samples are weighted
+The weighted loss is ``utilgen.ops.weighted_cross_entropy``. By default the
+weights are normalised to a batch mean of 1 before they enter it
+(``normalize_weights``), as Meta-Weight-Net's released code does, with the
+meta-gradient flowing through the normalisation: with METHOD.md's raw
+(1/N) sum_i w_i l_i the look-ahead mostly raised every weight and learned a
+rising w(loss) (flipped-vs-clean AUROC 0.09 at smoke scale, 0.91 normalised). Real samples are weighted
 like synthetic ones by default, as Meta-Weight-Net weighs every sample;
 ``fix_real_weights=True`` pins them at 1 and leaves them out of the
 meta-gradient. ``meta_every=0`` trains the same classifier without
