@@ -34,6 +34,9 @@ def test_readme_python_example_runs():
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks, "the README has no Python example"
-    code = blocks[0] + "\nassert images.shape == (8, 1, 16, 16) and 0 <= images.min() and images.max() <= 1\n"
+    code = "\n".join(blocks) + (
+        "\nassert images.shape == (8, 1, 16, 16) and 0 <= images.min() and images.max() <= 1"
+        "\nassert utilities.shape == (8,) and 0 <= utilities.min() and utilities.max() <= 1\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
