@@ -200,3 +200,48 @@ def test_config_rejects_unknown_choices():
         ILPOConfig(drift="clip")
     with pytest.raises(ValueError, match="grad_steps"):
         ILPOConfig(steps=2, grad_steps=3)
+
+
+def _tiny_clip_directory(directory):
+    """A tiny random CLIP model (text + vision towers) and tokenizer, saved like ``save_pretrained``."""
+    pytest.importorskip("transformers")
+    from _generator_models import _write_clip_tokenizer_files
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    _write_clip_tokenizer_files(directory / "_tokenizer_source")
+    tokenizer = CLIPTokenizer(str(directory / "_tokenizer_source" / "vocab.json"),
+                              str(directory / "_tokenizer_source" / "merges.txt"), model_max_length=16)  # fmt: skip
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_clip_alignment_term_lowers_the_clip_penalty(gen, valuation, tmp_path):
+    from utilgen.adaptation import ClipAlignment
+
+    names = tuple(f"class{k}" for k in range(10))
+    clip = ClipAlignment.from_directory(_tiny_clip_directory(tmp_path / "clip"), names)
+    labels, noise = _batch(gen)
+    images = torch.rand(8, 1, 8, 8, requires_grad=True)
+    penalty = clip.penalty(images, labels)
+    assert penalty.shape == (8,) and bool(((penalty >= 0) & (penalty <= 2)).all())
+    (grad,) = torch.autograd.grad(penalty.sum(), images)
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ClipAlignment"):
+        optimise_prompts(gen, valuation, labels, noise, _config(clip_weight=1.0))
+    # Only the CLIP term in the objective (utility weight cannot be switched off, so make it tiny in
+    # comparison): the penalty of the generated images goes down.
+    prompts, history = optimise_prompts(gen, valuation, labels, noise, _config(clip_weight=100.0), clip)
+    plain = gen.sample(gen.class_prompt_embeds(labels), noise, guidance_scale=2.0, steps=STEPS)
+    optimised = gen.sample(prompts, noise, guidance_scale=2.0, steps=STEPS)
+    with torch.no_grad():
+        assert float(clip.penalty(optimised, labels).mean()) < float(clip.penalty(plain, labels).mean())

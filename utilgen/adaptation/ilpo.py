@@ -10,7 +10,8 @@ Per generated instance i (class y_i, seed s_i, initial noise eps_i):
    through the differentiable sampler (``sample_differentiable``: early denoiser
    calls without grad, the last ``grad_steps`` kept and checkpointed). ``drift``:
    "l2" = mean squared distance of p to p_y (the tether), "class_consistency" =
-   the classifier's cross-entropy of the image against y_i.
+   the classifier's cross-entropy of the image against y_i. With a local CLIP model
+   (``ClipAlignment``, ``clip_weight > 0``) the paper's CLIP class-text penalty is added.
 2. ``refine_noise`` with the optimised prompt p*: "redenoise" (the paper: one DDIM
    step at high guidance, one inversion step at low guidance), "gradient" (this
    project's extension: the noise is put on the Gaussian shell ||eps|| = sqrt(C H W),
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from utilgen.adaptation.clip_alignment import ClipAlignment
 from utilgen.data import SyntheticPool
 from utilgen.generator import Generator, redenoise_noise, sample_differentiable
 from utilgen.ops import LatentUpdateState, latent_update
@@ -74,6 +76,7 @@ class ILPOConfig:
     redenoise_low_guidance: float = 1.0
     drift: str = "l2"  # one of DRIFTS
     drift_weight: float = 1.0
+    clip_weight: float = 0.0  # weight of the CLIP class-text penalty (the paper's drift); needs a ClipAlignment
     embed_max_distance: float | None = None  # hard L2 bound ||p - p_y|| (latent_update's anchor projection)
     patience: int = 2  # evaluations without improvement before an instance stops
     min_improvement: float = 1e-4  # of the objective J
@@ -96,8 +99,8 @@ class ILPOConfig:
             raise ValueError(f"grad_steps ({self.grad_steps}) cannot exceed steps ({self.steps})")
         if self.noise_grad_steps is not None and not 1 <= self.noise_grad_steps <= self.steps:
             raise ValueError(f"noise_grad_steps must lie in [1, steps={self.steps}] or be None, got {self.noise_grad_steps}")
-        if self.drift_weight < 0 or self.min_improvement < 0:
-            raise ValueError("drift_weight and min_improvement must be >= 0")
+        if self.drift_weight < 0 or self.min_improvement < 0 or self.clip_weight < 0:
+            raise ValueError("drift_weight, clip_weight and min_improvement must be >= 0")
         if self.embed_max_distance is not None and not self.embed_max_distance > 0:
             raise ValueError(f"embed_max_distance must be positive or None, got {self.embed_max_distance}")
 
@@ -176,6 +179,7 @@ def _ascend(
     lr: float,
     config: ILPOConfig,
     anchor: Tensor | None = None,
+    clip: ClipAlignment | None = None,
     desc: str = "",
 ) -> tuple[Tensor, AscentHistory]:
     """Maximise J over ``part`` ("prompt": (N, L, D), drift included; "noise": (N, C, H, W), shell-projected).
@@ -218,6 +222,8 @@ def _ascend(
             if part == "prompt" and config.drift_weight > 0:
                 drift = _drift(valuation, images, labels[index], typed, anchor[index], config.drift)
                 objective = utility - config.drift_weight * drift
+            if part == "prompt" and config.clip_weight > 0:
+                objective = objective - config.clip_weight * clip.penalty(images.float(), labels[index])
         if utility_before is None:
             utility_before = utility.detach().clone()
         row = torch.full((n,), math.nan, device=device)
@@ -267,17 +273,26 @@ def _ascend(
 
 
 def optimise_prompts(
-    generator: Generator, valuation: Valuation, labels: Tensor, noise: Tensor, config: ILPOConfig = ILPOConfig()
+    generator: Generator,
+    valuation: Valuation,
+    labels: Tensor,
+    noise: Tensor,
+    config: ILPOConfig = ILPOConfig(),
+    clip: ClipAlignment | None = None,
 ) -> tuple[Tensor, AscentHistory]:
     """Optimised prompt embeddings (N, L, D) (generator dtype) for labels (N,) and initial noise (N, C, H, W).
 
     Starts from the installed class prompts ``generator.class_prompt_embeds(labels)``.
+    ``clip`` (with ``config.clip_weight > 0``) adds the CLIP class-text penalty to the drift.
     """
+    if config.clip_weight > 0 and clip is None:
+        raise ValueError("config.clip_weight > 0 needs a ClipAlignment (clip=ClipAlignment.from_directory(...))")
     labels = torch.as_tensor(labels, dtype=torch.long)
     anchor = generator.class_prompt_embeds(labels)  # (N, L, D)
     noise = noise.to(device=generator.device, dtype=generator.dtype)
     best, history = _ascend(generator, valuation, labels, anchor, noise, part="prompt", steps=config.prompt_steps,
-                            lr=config.prompt_lr, config=config, anchor=anchor, desc="ILPO prompts")  # fmt: skip
+                            lr=config.prompt_lr, config=config, anchor=anchor, clip=clip,
+                            desc="ILPO prompts")  # fmt: skip
     return best.to(generator.dtype), history
 
 
@@ -318,6 +333,7 @@ def optimise_instances(
     config: ILPOConfig = ILPOConfig(),
     *,
     round: int = 0,  # noqa: A002 - the paper's word, as SyntheticPool.create
+    clip: ClipAlignment | None = None,
 ) -> tuple[SyntheticPool, ILPOHistory]:
     """ILPO for N instances (labels (N,), seeds (N,)), in batches: prompts, then noise, then generation.
 
@@ -335,7 +351,7 @@ def optimise_instances(
     for start in tqdm(starts, desc="ILPO", unit="batch", disable=not config.progress):
         batch_labels = labels[start : start + config.batch_size]
         noise = generator.initial_noise(seeds[start : start + config.batch_size].tolist())
-        batch_prompts, prompt_history = optimise_prompts(generator, valuation, batch_labels, noise, config)
+        batch_prompts, prompt_history = optimise_prompts(generator, valuation, batch_labels, noise, config, clip)
         batch_noise, noise_history = refine_noise(generator, valuation, batch_labels, noise, batch_prompts, config)
         history.prompt.append(prompt_history)
         if noise_history is not None:
