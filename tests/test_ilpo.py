@@ -245,3 +245,23 @@ def test_clip_alignment_term_lowers_the_clip_penalty(gen, valuation, tmp_path):
     optimised = gen.sample(prompts, noise, guidance_scale=2.0, steps=STEPS)
     with torch.no_grad():
         assert float(clip.penalty(optimised, labels).mean()) < float(clip.penalty(plain, labels).mean())
+
+
+def test_ilpo_runs_on_the_stable_diffusion_backend(tmp_path):
+    """The same code path on the SD protocol: VAE latents (4x8x8), 3-channel images, text-encoder prompts."""
+    pytest.importorskip("transformers")
+    from _generator_models import CLASS_NAMES, save_tiny_stable_diffusion
+
+    from utilgen.generator.stable_diffusion import StableDiffusionGenerator
+
+    sd = StableDiffusionGenerator.from_directory(save_tiny_stable_diffusion(tmp_path / "sd"), CLASS_NAMES)
+    valuation = tiny_valuation(image_shape=(3, 8, 8), num_classes=len(CLASS_NAMES))  # images resized 16 -> 8
+    labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
+    config = _config(prompt_steps=3, noise_strategy="gradient", noise_steps=2, steps=3, embed_max_distance=0.5)
+    pool, history = optimise_instances(sd, valuation, labels, seeds, config)
+    assert pool.images.shape == (3, 3, 16, 16) and pool.prompt_embeds.shape == (3, 16, 32)
+    torch.testing.assert_close(pool.noises.flatten(1).norm(dim=1), torch.full((3,), 16.0), atol=1e-3, rtol=0)
+    anchor = sd.class_prompt_embeds(labels)
+    assert float((pool.prompt_embeds - anchor).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
+    assert float((pool.prompt_embeds - anchor).abs().max()) > 0  # the prompts moved
+    assert len(history.noise) == 1
