@@ -50,8 +50,14 @@ def per_sample_features(
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     features: Sequence[str] = ("loss",),
+    *,
+    detach: bool = True,
 ) -> torch.Tensor:
     """(N, F) detached inputs of the weight network, columns in the order of ``features``.
+
+    ``detach=False`` keeps the graph to the losses and logits: ILPO differentiates
+    the utility W_phi(features) through them back to the image. TODV keeps the
+    default, where the features are constant inputs (Meta-Weight-Net).
 
     losses (N,) per-sample cross-entropy; logits (N, K) and targets (N,) are
     needed for "entropy" (of softmax(logits)) and "margin" (z_y minus the
@@ -59,7 +65,7 @@ def per_sample_features(
     """
     features = _check_features(features)
     columns = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         for name in features:
             if name == "loss":
                 columns.append(losses.float())
@@ -74,4 +80,5 @@ def per_sample_features(
                 target_logit = z.gather(1, targets.unsqueeze(1)).squeeze(1)
                 others = z.scatter(1, targets.unsqueeze(1), float("-inf"))
                 columns.append(target_logit - others.max(dim=1).values)
-    return torch.stack(columns, dim=1).detach()  # (N, F)
+    stacked = torch.stack(columns, dim=1)  # (N, F)
+    return stacked.detach() if detach else stacked

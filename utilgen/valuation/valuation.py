@@ -79,6 +79,24 @@ class Valuation:
             out.append(self.weight_net(per_sample_features(losses, logits, y, self.features)).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
+    def utility(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) utilities in [0, 1] with a graph to ``images`` (N, C, H, W) in [0, 1]: ILPO's objective.
+
+        The same function as ``score`` (eval-mode classifier), but the features
+        are not detached, so the gradient flows through the per-sample loss
+        (and entropy/margin) into the image. Gradients are meant to be taken
+        with ``torch.autograd.grad`` with respect to the images; the classifier
+        and weight network are not trained here. One batch, on ``self.device``.
+        """
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+        x, y = images.to(self.device, torch.float32), labels.to(self.device)
+        logits = self.classifier(x)  # (N, K)
+        losses = F.cross_entropy(logits.float(), y, reduction="none")  # (N,)
+        return self.weight_net(per_sample_features(losses, logits, y, self.features, detach=False))  # (N,)
+
     @torch.no_grad()
     def curve(self, losses_grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned w(loss) on a grid: (losses (G,), weights (G,)).
