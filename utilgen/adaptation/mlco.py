@@ -146,6 +146,25 @@ def pair_errors(
 # --------------------------------------------------------------------------- one round
 
 
+def dpo_gradients(
+    generator: Generator, params: dict[str, torch.nn.Parameter], x0_w: Tensor, x0_l: Tensor, prompts: Tensor, t: Tensor,
+    eps: Tensor, *, beta: float, max_grad_norm: float,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The DPO loss on one batch, backpropagated into the adapter ``params`` and clipped (no optimizer step).
+
+    x0_w, x0_l: (B, C, H, W) latents; prompts (B, L, D); t (B,); eps (B, C, H, W).
+    Returns (loss, grad norm before clipping, detached errors (B,) each: model_w, model_l, ref_w, ref_l).
+    The reference pass runs without autograd: it costs one forward of 2B, no activations kept.
+    """
+    with torch.no_grad(), adapters_disabled(generator.denoiser):
+        ref_w, ref_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+    model_w, model_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+    loss = dpo_loss(model_w, model_l, ref_w, ref_l, beta)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+    return loss.detach(), grad_norm, (model_w.detach(), model_l.detach(), ref_w, ref_l)
+
+
 @dataclass
 class _PairTensors:
     """The pairs as denoiser inputs on the generator's device: latents (P, C, H, W), prompts (P, L, D)."""
@@ -221,14 +240,11 @@ def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, ro
             order, position = torch.randperm(len(pairs), generator=rng), 0
         x0_w, x0_l, prompts, t, eps = data.draw(order[position : position + batch], rng, num_timesteps)
         position += batch
-        with torch.no_grad(), adapters_disabled(generator.denoiser):
-            ref_w, ref_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
-        model_w, model_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
-        loss = dpo_loss(model_w, model_l, ref_w, ref_l, config.beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        loss_value, grad_value = float(loss.detach()), float(grad_norm)
+        loss, grad_norm, (model_w, model_l, ref_w, ref_l) = dpo_gradients(
+            generator, params, x0_w, x0_l, prompts, t, eps, beta=config.beta, max_grad_norm=config.max_grad_norm
+        )
+        loss_value, grad_value = float(loss), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
             _restore(params, last_good)
             result.steps_done = step
@@ -240,7 +256,6 @@ def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, ro
             )  # fmt: skip
         last_good = _snapshot(params)  # these weights gave a finite loss and gradient
         optimizer.step()
-        model_w, model_l = model_w.detach(), model_l.detach()
         history.loss.append(loss_value)
         history.grad_norm.append(grad_value)
         history.implicit_acc.append(float(implicit_accuracy(model_w, model_l, ref_w, ref_l)))
