@@ -1,6 +1,6 @@
 """A small real MLCO check on the embedded generator. Writes a JSON report; keeps no generated data.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/mlco_check.py out.json [--rounds 2] [--steps 150] [--lr 1e-3]
+    OMP_WAIT_POLICY=PASSIVE python scripts/mlco_check.py out.json [--rounds 2] [--steps 150] [--lr 1e-4]
 
 1. TODV valuation fitted quickly (``--todv-steps``) on the embedded Fashion-MNIST few-shot split
    (16 shots/class train, 10/class meta) plus ``--pool-per-class`` samples/class of the generator.
@@ -24,6 +24,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from utilgen.adaptation import DPOConfig, evaluate_pairs, generate_candidates, pairs_from_pool, train_dpo_round  # noqa: E402
+from utilgen.adaptation.mlco import prepare_round  # noqa: E402
 from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
 from utilgen.generator.embedded import load_pretrained  # noqa: E402
 from utilgen.io import atomic_write_json  # noqa: E402
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=2500.0)
     parser.add_argument("--batch-pairs", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=16, help="candidates per class per round")
@@ -83,9 +84,7 @@ def main() -> None:
         pairs = pairs_from_pool(candidates, pairs_per_class=args.pairs, min_gap=args.min_gap)
         held_pairs = pairs_from_pool(held_out, pairs_per_class=args.pairs, min_gap=args.min_gap)
         t1 = time.perf_counter()
-        if r > 0 and config.reanchor:  # evaluate against the reference this round will use
-            from utilgen.adaptation.mlco import prepare_round
-
+        if r > 0 and config.reanchor:  # merge now, so "before" is measured against this round's reference
             prepare_round(generator, config, r)
             config_round = dataclasses.replace(config, reanchor=False)  # already merged
         else:

@@ -134,7 +134,8 @@ def load_adapters(denoiser: nn.Module, path: str | os.PathLike) -> dict[str, nn.
         raise ValueError(f"{path} is not a utilgen MLCO adapter file (format {header.get('format')!r})")
     settings = json.loads(header["settings"])
     if not has_adapters(denoiser):
-        attach_adapters(denoiser, rank=settings["rank"], alpha=settings["alpha"], target_modules=settings["target_modules"])
+        attach_adapters(denoiser, rank=settings["rank"], alpha=settings["alpha"],
+                        target_modules=settings["target_modules"])  # fmt: skip
     elif _settings(denoiser) != settings:
         raise ValueError(f"the denoiser's adapter {_settings(denoiser)} differs from the saved one {settings}")
     tensors = load_safetensors(path.read_bytes())

@@ -63,7 +63,7 @@ class DPOConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    rounds: int = 2
+    rounds: int = 2  # read by the caller's loop: candidates -> pairs -> train_dpo_round(round_index=r)
     reanchor: bool = True  # merge the adapter at the start of every round after the first
     seed: int = 0
     max_grad_norm: float = 1.0  # clip the adapter's gradient norm; inf = no clipping

@@ -89,7 +89,8 @@ def build_pairs(
     w = torch.tensor(winners, dtype=torch.int64)
     lo = torch.tensor(losers, dtype=torch.int64)
     return Pairs(
-        winners=w, losers=lo, labels=labels[w].clone(), winner_images=images[w].float(), loser_images=images[lo].float(),
+        winners=w, losers=lo, labels=labels[w].clone(),
+        winner_images=images[w].float(), loser_images=images[lo].float(),
         winner_utilities=utilities[w], loser_utilities=utilities[lo], winner_seeds=seeds[w].clone(),
         loser_seeds=seeds[lo].clone(),
     )  # fmt: skip
