@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -180,7 +181,7 @@ def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter():
     assert all(bool(torch.isfinite(v).all()) for v in kept.values())
     # the same run stopped before step - 1 ends at the weights the failing step's predecessor started from
     replay = tiny_embedded()
-    train_dpo_round(replay, pairs, DPOConfig(**{**config.__dict__, "steps": step - 1}))
+    train_dpo_round(replay, pairs, dataclasses.replace(config, steps=step - 1))
     for name, value in adapter_parameters(replay.denoiser).items():
         torch.testing.assert_close(kept[name], value, rtol=0, atol=0)
 
@@ -202,7 +203,7 @@ def test_reanchor_merges_the_adapter_and_starts_a_fresh_one(tmp_path):
     assert all(bool((p == 0).all()) for n, p in params.items() if "lora_B" in n)
     assert any(not torch.equal(v, _base_state(generator.denoiser)[k]) for k, v in base_before.items())
     # a later round with reanchor=True merges first and reports it
-    result = train_dpo_round(generator, _pairs(seed=1), DPOConfig(**{**config.__dict__, "steps": 2}), round_index=1)
+    result = train_dpo_round(generator, _pairs(seed=1), dataclasses.replace(config, steps=2), round_index=1)
     assert result.reanchored
 
 
