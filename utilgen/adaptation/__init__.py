@@ -1,7 +1,16 @@
-"""Adaptation of the generator to the task (METHOD.md, stages 2 and 3; layer 4).
+"""Generator adaptation (METHOD.md, stages 2 and 3; layer 4: imports generator, valuation, models, data, ops, io).
 
-- ILPO (``ilpo``): per-instance prompt-embedding and initial-noise optimisation against the
-  valuation's utility: ``optimise_prompts``, ``refine_noise``, ``optimise_instances``;
+MLCO (model level):
+- ``generate_candidates`` -> a valued ``SyntheticPool`` (stage "mlco-candidates");
+  ``build_pairs`` / ``pairs_from_pool`` -> ``Pairs`` (highest vs lowest utility within a class).
+- ``train_dpo_round(generator, pairs, DPOConfig(...))``: Diffusion-DPO on the denoiser's LoRA adapter,
+  the reference being the same UNet with the adapter off; ``dpo_loss``, ``implicit_accuracy``,
+  ``evaluate_pairs``; ``DPONonFiniteError``.
+- ``lora``: ``attach_adapters``, ``adapters_disabled``, ``reanchor``, ``save_adapters`` / ``load_adapters``.
+
+ILPO (instance level):
+- per-instance prompt-embedding and initial-noise optimisation against the valuation's
+  utility: ``optimise_prompts``, ``refine_noise``, ``optimise_instances``;
   ``ClipAlignment``: the optional CLIP class-text drift term (a local CLIP model).
 """
 
@@ -16,15 +25,34 @@ from utilgen.adaptation.ilpo import (
     optimise_prompts,
     refine_noise,
 )
+from utilgen.adaptation.lora import (
+    ADAPTER_NAME,
+    adapter_parameters,
+    adapters_disabled,
+    attach_adapters,
+    has_adapters,
+    load_adapters,
+    reanchor,
+    save_adapters,
+)
+from utilgen.adaptation.mlco import (
+    DPOConfig,
+    DPOHistory,
+    DPONonFiniteError,
+    DPORoundResult,
+    PairEvaluation,
+    dpo_loss,
+    evaluate_pairs,
+    implicit_accuracy,
+    train_dpo_round,
+)
+from utilgen.adaptation.pairs import CANDIDATE_STAGE, Pairs, build_pairs, generate_candidates, pairs_from_pool
 
 __all__ = [
-    "DRIFTS",
-    "NOISE_STRATEGIES",
-    "AscentHistory",
-    "ClipAlignment",
-    "ILPOConfig",
-    "ILPOHistory",
-    "optimise_instances",
-    "optimise_prompts",
-    "refine_noise",
-]
+    "ADAPTER_NAME", "CANDIDATE_STAGE", "DPOConfig", "DPOHistory", "DPONonFiniteError", "DPORoundResult",
+    "PairEvaluation", "Pairs", "adapter_parameters", "adapters_disabled", "attach_adapters", "build_pairs",
+    "dpo_loss", "evaluate_pairs", "generate_candidates", "has_adapters", "implicit_accuracy", "load_adapters",
+    "pairs_from_pool", "reanchor", "save_adapters", "train_dpo_round",
+    "DRIFTS", "NOISE_STRATEGIES", "AscentHistory", "ClipAlignment", "ILPOConfig", "ILPOHistory",
+    "optimise_instances", "optimise_prompts", "refine_noise",
+]  # fmt: skip

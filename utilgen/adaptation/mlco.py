@@ -1,0 +1,314 @@
+"""MLCO: Diffusion-DPO on the denoiser's LoRA adapter from within-class winner/loser pairs (METHOD.md, stage 2).
+
+One training step on B pairs (x_w, x_l) of class c, each pair with its own
+timestep t and noise eps, shared by winner and loser:
+
+    x_t   = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps                          (both images, same t and eps)
+    err   = mean over (C, H, W) of (eps - eps_theta(x_t, t, c))^2     conditional, no guidance
+    d_w   = err_w(model) - err_w(reference),  d_l likewise             reference = adapter switched off
+    L     = mean over pairs of -log sigmoid(-beta * (d_w - d_l))
+
+Beta convention: the paper's beta * T * w(lambda_t) is one constant here
+(``DPOConfig.beta``), as in its released code. That code and diffusers'
+``train_diffusion_dpo.py`` write the exponent as -0.5 * beta_dpo * (...), so our
+beta = beta_dpo / 2: the default 2500 is their 5000 (the paper's SD 1.5 value).
+The scale also depends on the reduction: errors are means over pixels, so a
+larger latent does not change the useful beta.
+
+Health, per step (``DPOHistory``): the loss, the implicit preference accuracy
+(fraction of pairs with d_w < d_l, ties counting one half as in diffusers, so an
+untrained adapter reads 0.5), the mean d_w and d_l (the model's MSE minus the
+reference's on winners and on losers) and the gradient norm before clipping.
+
+A non-finite loss or gradient norm stops the round: the adapter goes back to the
+last weights that gave a finite loss and gradient (the start of the previous
+step; the update taken there is what broke it), and ``DPONonFiniteError`` is
+raised carrying the history so far. The caller decides whether the run goes on
+with those adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from utilgen.adaptation.lora import (
+    DEFAULT_TARGET_MODULES,
+    adapter_parameters,
+    adapters_disabled,
+    attach_adapters,
+    has_adapters,
+    reanchor,
+)
+from utilgen.adaptation.pairs import Pairs
+from utilgen.generator import Generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 2500.0  # see the module docstring for the convention
+    lr: float = 1e-4  # AdamW on the adapter
+    weight_decay: float = 0.0
+    steps: int = 200  # per round
+    batch_pairs: int = 16
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    rounds: int = 2  # read by the caller's loop: candidates -> pairs -> train_dpo_round(round_index=r)
+    reanchor: bool = True  # merge the adapter at the start of every round after the first
+    seed: int = 0
+    max_grad_norm: float = 1.0  # clip the adapter's gradient norm; inf = no clipping
+    progress: bool = False
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_pairs", "lora_rank", "rounds", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("beta", "lr", "lora_alpha", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+@dataclass
+class DPOHistory:
+    """Per step: loss, implicit accuracy, mean d_w and d_l (model minus reference MSE), grad norm before clipping."""
+
+    loss: list[float] = field(default_factory=list)
+    implicit_acc: list[float] = field(default_factory=list)
+    mse_gap_winners: list[float] = field(default_factory=list)
+    mse_gap_losers: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DPORoundResult:
+    round_index: int
+    pairs: int
+    steps_done: int
+    reanchored: bool  # the adapter was merged into the base weights before this round
+    history: DPOHistory
+
+
+class DPONonFiniteError(RuntimeError):
+    """A DPO round met a NaN/inf loss or gradient; the adapter holds the last good weights, ``result`` the history."""
+
+    def __init__(self, message: str, *, step: int, result: DPORoundResult):
+        super().__init__(message)
+        self.step, self.result = step, result
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, beta: float) -> Tensor:
+    """Diffusion-DPO loss () from per-pair denoising errors (P,) each: mean of -log sigmoid(-beta (d_w - d_l))."""
+    d_w, d_l = model_err_w - ref_err_w, model_err_l - ref_err_l
+    return -F.logsigmoid(-beta * (d_w - d_l)).mean()
+
+
+def implicit_accuracy(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
+    """Fraction () of pairs the model prefers more than the reference does: d_w < d_l; a tie counts 1/2."""
+    margin = (model_err_l - ref_err_l) - (model_err_w - ref_err_w)  # (P,) > 0: winner favoured
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
+def noised(generator: Generator, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """x_t (N, C, H, W) = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for latents x0 (N, C, H, W), timesteps t (N,)."""
+    alphas = generator.scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
+    ab = alphas[t].view(-1, *([1] * (x0.dim() - 1)))
+    return (ab.sqrt() * x0.float() + (1 - ab).sqrt() * eps.float()).to(x0.dtype)
+
+
+def pair_errors(
+    generator: Generator, x0_w: Tensor, x0_l: Tensor, prompts: Tensor, t: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Conditional epsilon-MSE per pair (B,), (B,) of winners and losers under one t (B,) and eps (B, C, H, W).
+
+    Winners and losers go through the denoiser as one batch of 2B.
+    """
+    x_t = torch.cat([noised(generator, x0_w, t, eps), noised(generator, x0_l, t, eps)])  # (2B, C, H, W)
+    pred = generator.predict_noise(x_t, torch.cat([t, t]), torch.cat([prompts, prompts]), guidance_scale=1.0)
+    err = (pred.float() - torch.cat([eps, eps]).float()).pow(2).mean(dim=tuple(range(1, pred.dim())))  # (2B,)
+    return err.chunk(2)
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def dpo_gradients(
+    generator: Generator, params: dict[str, torch.nn.Parameter], x0_w: Tensor, x0_l: Tensor, prompts: Tensor, t: Tensor,
+    eps: Tensor, *, beta: float, max_grad_norm: float,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The DPO loss on one batch, backpropagated into the adapter ``params`` and clipped (no optimizer step).
+
+    x0_w, x0_l: (B, C, H, W) latents; prompts (B, L, D); t (B,); eps (B, C, H, W).
+    Returns (loss, grad norm before clipping, detached errors (B,) each: model_w, model_l, ref_w, ref_l).
+    The reference pass runs without autograd: it costs one forward of 2B, no activations kept.
+    """
+    with torch.no_grad(), adapters_disabled(generator.denoiser):
+        ref_w, ref_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+    model_w, model_l = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+    loss = dpo_loss(model_w, model_l, ref_w, ref_l, beta)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+    return loss.detach(), grad_norm, (model_w.detach(), model_l.detach(), ref_w, ref_l)
+
+
+@dataclass
+class _PairTensors:
+    """The pairs as denoiser inputs on the generator's device: latents (P, C, H, W), prompts (P, L, D)."""
+
+    x0_w: Tensor
+    x0_l: Tensor
+    prompts: Tensor
+
+    @classmethod
+    def of(cls, generator: Generator, pairs: Pairs) -> _PairTensors:
+        with torch.no_grad():
+            return cls(generator.encode(pairs.winner_images), generator.encode(pairs.loser_images),
+                       generator.class_prompt_embeds(pairs.labels))  # fmt: skip
+
+    def draw(self, index: Tensor, rng: torch.Generator, num_timesteps: int) -> tuple[Tensor, ...]:
+        """The pairs at ``index`` (B,) with a fresh timestep (B,) and noise (B, C, H, W) per pair (CPU RNG)."""
+        b = index.shape[0]
+        t = torch.randint(0, num_timesteps, (b,), generator=rng)
+        eps = torch.randn((b, *self.x0_w.shape[1:]), generator=rng)
+        device, dtype = self.x0_w.device, self.x0_w.dtype
+        index = index.to(device)
+        return self.x0_w[index], self.x0_l[index], self.prompts[index], t.to(device), eps.to(device, dtype)
+
+
+def _snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _restore(params: dict[str, torch.nn.Parameter], saved: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(saved[name])
+
+
+def prepare_round(generator: Generator, config: DPOConfig, round_index: int) -> bool:
+    """Attach the adapter on the first use; re-anchor it at later rounds when ``config.reanchor``. True if merged."""
+    denoiser = generator.denoiser
+    if not has_adapters(denoiser):
+        attach_adapters(denoiser, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.target_modules,
+                        seed=config.seed)  # fmt: skip
+        return False
+    if config.reanchor and round_index > 0:
+        reanchor(denoiser, seed=config.seed + round_index)
+        return True
+    return False
+
+
+def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, round_index: int = 0) -> DPORoundResult:
+    """``config.steps`` Diffusion-DPO steps of the denoiser's LoRA adapter on ``pairs``; the base weights stay fixed.
+
+    Attaches the adapter when the denoiser has none; re-anchors it first when
+    ``round_index > 0`` and ``config.reanchor``. Pairs are drawn without
+    replacement within an epoch; every draw (pairs, timesteps, noise) comes
+    from ``config.seed`` and ``round_index``. Raises ``DPONonFiniteError``
+    (module docstring) on a NaN/inf loss or gradient.
+    """
+    if len(pairs) == 0:
+        raise ValueError("no pairs to train on: every class was a near-tie (lower min_gap) or had < 2 candidates")
+    reanchored = prepare_round(generator, config, round_index)
+    params = adapter_parameters(generator.denoiser)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    data = _PairTensors.of(generator, pairs)
+    num_timesteps = generator.scheduler.alphas_cumprod.shape[0]
+    rng = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index)
+    batch = min(config.batch_pairs, len(pairs))
+    order, position = torch.randperm(len(pairs), generator=rng), 0
+    history = DPOHistory()
+    result = DPORoundResult(round_index, len(pairs), 0, reanchored, history)
+    last_good = _snapshot(params)
+
+    for step in tqdm(range(config.steps), desc=f"MLCO DPO round {round_index}", disable=not config.progress):
+        if position + batch > len(pairs):
+            order, position = torch.randperm(len(pairs), generator=rng), 0
+        x0_w, x0_l, prompts, t, eps = data.draw(order[position : position + batch], rng, num_timesteps)
+        position += batch
+        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm, (model_w, model_l, ref_w, ref_l) = dpo_gradients(
+            generator, params, x0_w, x0_l, prompts, t, eps, beta=config.beta, max_grad_norm=config.max_grad_norm
+        )
+        loss_value, grad_value = float(loss), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            _restore(params, last_good)
+            result.steps_done = step
+            raise DPONonFiniteError(
+                f"MLCO DPO round {round_index}: {'loss' if not math.isfinite(loss_value) else 'gradient norm'} is "
+                f"{loss_value if not math.isfinite(loss_value) else grad_value} at step {step}; the adapter is back "
+                f"at its weights before step {max(step - 1, 0)} (the last finite one). Lower lr or beta.",
+                step=step, result=result,
+            )  # fmt: skip
+        last_good = _snapshot(params)  # these weights gave a finite loss and gradient
+        optimizer.step()
+        history.loss.append(loss_value)
+        history.grad_norm.append(grad_value)
+        history.implicit_acc.append(float(implicit_accuracy(model_w, model_l, ref_w, ref_l)))
+        history.mse_gap_winners.append(float((model_w - ref_w).mean()))
+        history.mse_gap_losers.append(float((model_l - ref_l).mean()))
+        result.steps_done = step + 1
+        if step % config.log_every == 0 or step == config.steps - 1:
+            log.info("MLCO round %d step %d: loss %.4f implicit_acc %.3f mse_gap w %.2e l %.2e grad %.3g", round_index,
+                     step, loss_value, history.implicit_acc[-1], history.mse_gap_winners[-1],
+                     history.mse_gap_losers[-1], grad_value)  # fmt: skip
+    return result
+
+
+# --------------------------------------------------------------------------- measuring preference
+
+
+@dataclass(frozen=True)
+class PairEvaluation:
+    loss: float
+    implicit_acc: float
+    mse_gap_winners: float  # mean d_w
+    mse_gap_losers: float  # mean d_l
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    generator: Generator, pairs: Pairs, *, beta: float, draws: int = 4, seed: int = 12345, batch_pairs: int = 64
+) -> PairEvaluation:
+    """DPO loss and implicit accuracy of the current adapter on ``pairs`` over ``draws`` fixed (t, eps) per pair.
+
+    The draws depend only on ``seed``, so evaluations before and after training
+    compare the same noisy inputs. Without an adapter the model is the reference (accuracy 0.5).
+    """
+    data = _PairTensors.of(generator, pairs)
+    num_timesteps = generator.scheduler.alphas_cumprod.shape[0]
+    rng = torch.Generator().manual_seed(seed)
+    errors: list[Sequence[Tensor]] = []
+    adapted = has_adapters(generator.denoiser)
+    for _ in range(draws):
+        for start in range(0, len(pairs), batch_pairs):
+            x0_w, x0_l, prompts, t, eps = data.draw(torch.arange(start, min(start + batch_pairs, len(pairs))), rng,
+                                                    num_timesteps)  # fmt: skip
+            model = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+            if adapted:
+                with adapters_disabled(generator.denoiser):
+                    ref = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
+            else:
+                ref = model
+            errors.append((*model, *ref))
+    model_w, model_l, ref_w, ref_l = (torch.cat(parts) for parts in zip(*errors))
+    return PairEvaluation(
+        loss=float(dpo_loss(model_w, model_l, ref_w, ref_l, beta)),
+        implicit_acc=float(implicit_accuracy(model_w, model_l, ref_w, ref_l)),
+        mse_gap_winners=float((model_w - ref_w).mean()),
+        mse_gap_losers=float((model_l - ref_l).mean()),
+    )
