@@ -52,19 +52,6 @@ def _embedded() -> tuple[EmbeddedGenerator, str]:
         return EmbeddedGenerator().eval(), f"random weights ({error})"
 
 
-def _sd21_unet():
-    from diffusers import UNet2DConditionModel
-
-    # stabilityai/stable-diffusion-2-1 unet/config.json (the fields that set its size and attention).
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
-
-
 def _step(provider, generator, params, optimizer, x0_w, x0_l, prompts, t, eps):
     def plain():
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +102,7 @@ def test_sd21_dpo_step(benchmark, provider):
         pytest.skip("the SD-2.1-size UNet DPO step needs CUDA (no GPU here)")
     from diffusers import DDIMScheduler
 
-    unet = _sd21_unet().to("cuda", torch.bfloat16).eval()
+    unet = registry.sd21_unet().to("cuda", torch.bfloat16).eval()
     params = attach_adapters(unet, rank=GPU_SHAPE["lora_rank"], alpha=float(GPU_SHAPE["lora_rank"]))
     generator = _BareUNet(unet, DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
     optimizer = torch.optim.AdamW(params.values(), lr=1e-4)

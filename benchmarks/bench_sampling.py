@@ -60,19 +60,6 @@ def test_embedded_sampling(benchmark, provider):
     benchmark.extra_info["images_per_s"] = round(n / benchmark.stats.stats.median, 2)
 
 
-def _sd21_unet():
-    from diffusers import UNet2DConditionModel
-
-    # stabilityai/stable-diffusion-2-1 unet/config.json (the fields that set its size and attention).
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
-
-
 def _gpu_skip_reason(provider: str) -> str:
     if not torch.cuda.is_available():
         return "the SD-2.1-size UNet benchmark needs CUDA (no GPU here)"
@@ -89,7 +76,7 @@ def test_sd21_unet_guided_call(benchmark, provider):
     reason = _gpu_skip_reason(provider)
     if reason:
         pytest.skip(reason)
-    unet = _sd21_unet().to("cuda", torch.float16).eval()
+    unet = registry.sd21_unet().to("cuda", torch.float16).eval()
     attention.apply_attention(unet, {"eager": "plain", "sdpa": "sdpa", "xformers": "xformers"}[provider])
     s = GPU_SHAPE
     gen = torch.Generator("cuda").manual_seed(0)

@@ -138,3 +138,17 @@ def record(benchmark, *, provider: str, shape: dict, bytes_moved: int | None = N
             "peak_memory_bytes": peak_bytes,
         }
     )
+
+
+def sd21_unet():
+    """A randomly initialised UNet of Stable Diffusion 2.1's size, built from its config (no hub)."""
+    from diffusers import UNet2DConditionModel
+
+    # stabilityai/stable-diffusion-2-1 unet/config.json (the fields that set its size and attention).
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
