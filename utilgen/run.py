@@ -1,55 +1,213 @@
 """``python -m utilgen.run``: the command line.
 
-``--help`` answers without importing torch (argparse only); torch and the
-extension load only for the work that needs them.
+``--help`` and configuration errors answer without importing torch; torch and the extension
+load only for the work that needs them. Exit status: 0 done, 1 a stage stopped (a non-finite
+loss; resumable), 2 bad input (nothing written), 130 interrupted (resumable).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import time
+from pathlib import Path
+
+EXIT_STAGE_STOPPED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+log = logging.getLogger("utilgen")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utilgen.run",
         description=(
-            "UtilGen: utility-centric generative data augmentation. "
-            "This release provides the accelerated op layer; --info reports what runs here."
+            "UtilGen: utility-centric generative data augmentation. With no arguments: the whole method "
+            "(class tokens, TODV, MLCO, ILPO, evaluation against real-only and plain generation) on the "
+            "embedded Fashion-MNIST task, in minutes on a CPU."
         ),
+        epilog="Exit status: 0 done; 1 a stage stopped (resume with --resume); 2 bad input; 130 interrupted.",
     )
-    parser.add_argument(
-        "--info",
-        action="store_true",
-        help="print versions, whether utilgen._C loaded (and why not), CUDA/Triton availability "
-        "the backend each op would use and the generator's attention (xformers/SDPA), with the reasons",
-    )
-    parser.add_argument("--json", action="store_true", help="with --info: print the report as JSON")
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", default="default", help="smoke | default | sd21 (Stable Diffusion 2.1; needs "
+                     "--generator and --data). Default: default")  # fmt: skip
+    run.add_argument("--config", metavar="FILE", help="YAML or TOML file of sections, e.g. [mlco] rounds = 2")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                     help="override one key, e.g. --set mlco.rounds=2 --set evaluation.seeds=0,1,2 (repeatable)")
+    run.add_argument("--generator", metavar="PATH", help="a local Stable Diffusion directory (diffusers layout)")
+    run.add_argument("--data", metavar="PATH", help="an ImageFolder: PATH/<class>/<image>")
+    run.add_argument("--out", metavar="DIR", help="the run directory (new or empty). Default: runs/<preset>-<time>")
+    run.add_argument("--seed", type=int, help="the run seed (run.seed)")
+    run.add_argument("--device", help="auto | cpu | cuda | cuda:N (run.device)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed stage")
+    run.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
+    output = parser.add_argument_group("output")
+    output.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    output.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    info = parser.add_argument_group("environment")
+    info.add_argument("--info", action="store_true",
+                      help="print versions, whether utilgen._C loaded (and why not), CUDA/Triton availability, the "
+                           "backend each op would use and the generator's attention (xformers/SDPA), with reasons")
+    info.add_argument("--json", action="store_true", help="with --info: print the report as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.info:
-        from utilgen import ops  # imports torch
-        from utilgen.generator.attention import attention_info
+        return print_info(args.json)
+    from utilgen.config import ConfigError
 
-        generator_attention = attention_info()
-        if args.json:
-            import json
+    if args.list_keys:
+        return list_keys()
+    try:
+        config, directory = resolve(args)
+    except (ConfigError, ValueError, OSError) as error:
+        return bad_input(error)
+    configure_logging(args, directory)
+    return execute(config, directory, quiet=args.quiet)
 
-            print(json.dumps({**ops.info(), "generator": {"attention": generator_attention}}, indent=2, default=str))
-        else:
-            print(ops.info_text())
-            print(f"generator attention [{generator_attention['device']}]: auto -> {generator_attention['auto']} "
-                  f"({generator_attention['reason']})")  # fmt: skip
-        return 0
-    print(
-        "utilgen: the end-to-end UtilGen run (data, generator, TODV, MLCO, ILPO, evaluation) is not in "
-        "this release yet; `python -m utilgen.run --info` reports the accelerated op layer.",
-        file=sys.stderr,
-    )
-    return 2
+
+# ---------------------------------------------------------------------------------- config
+
+
+def resolve(args: argparse.Namespace):
+    """The config and run directory path, every input checked before anything is written."""
+    from utilgen.config import ConfigError, build_config, load_config_file
+    from utilgen.rundir import RunDirectory
+
+    if args.resume:
+        for option in ("config", "generator", "data", "seed", "out"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--resume continues a run with its saved config; --{option} cannot change it "
+                                  "(--set and --device may adjust stages not yet done)")  # fmt: skip
+        saved = RunDirectory.open(args.resume).read_config()
+        preset = saved.pop("preset", "default")
+        overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
+        return build_config(preset, saved, overrides), Path(args.resume)
+    file_values = load_config_file(args.config) if args.config else None
+    shortcuts = []
+    if args.seed is not None:
+        shortcuts.append(f"run.seed={args.seed}")
+    if args.device:
+        shortcuts.append(f"run.device={args.device}")
+    if args.generator:
+        shortcuts += ["generator.kind=stable-diffusion", f"generator.path={args.generator}"]
+    if args.data:
+        shortcuts.append(f"data.source={args.data}")
+    config = build_config(args.preset, file_values, shortcuts + list(args.overrides))
+    if config.generator.kind == "stable-diffusion" and not config.generator.path:
+        raise ConfigError("the Stable Diffusion generator needs its directory: --generator PATH")
+    if config.preset == "sd21" and config.data.source in ("", "embedded"):
+        raise ConfigError("the sd21 preset needs your data: --data PATH (an ImageFolder, PATH/<class>/<image>)")
+    out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config, out
+
+
+def list_keys() -> int:
+    import dataclasses
+
+    from utilgen.config import Config
+
+    for section in dataclasses.fields(Config):
+        if section.name == "preset":
+            continue
+        for field in dataclasses.fields(getattr(Config(), section.name)):
+            print(f"{section.name}.{field.name} = {getattr(getattr(Config(), section.name), field.name)!r}")
+    return 0
+
+
+def bad_input(error: BaseException) -> int:
+    print(f"utilgen: error: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def configure_logging(args: argparse.Namespace, directory: Path) -> None:
+    level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def execute(config, directory: Path, *, quiet: bool) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ENVIRONMENT.md: busy-waiting OpenMP threads cost 10-30x
+    from utilgen.config import ConfigError
+
+    try:
+        import torch
+
+        from utilgen import loop
+        from utilgen.rundir import RunDirectory, RunDirectoryError, free_bytes
+
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        device = loop.resolve_device(config.run.device)
+        loop.stage_configs(config, device, progress=False)  # every stage's values checked now, not an hour in
+        if config.generator.kind == "stable-diffusion":
+            from utilgen.generator.stable_diffusion import check_directory
+
+            check_directory(config.generator.path)
+        data = loop.load_task_data(config)
+        from utilgen.data import make_splits
+
+        make_splits(data, shots_per_class=config.data.shots_per_class, meta_per_class=config.data.meta_per_class,
+                    test_per_class=config.data.test_per_class, seed=config.data.split_seed)  # fmt: skip
+        needed = loop.planned_bytes(config, len(data.class_names), data.images.shape[1], data.images.shape[-1])
+        available = free_bytes(directory)
+        if available < needed:
+            raise ConfigError(f"not enough disk space for the run in {directory}: it plans to write about "
+                              f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free")  # fmt: skip
+        resuming = (directory / "manifest.json").exists()
+        run_dir = RunDirectory.open(directory) if resuming else RunDirectory.create(directory, config.to_dict())
+        run_dir.write_config(config.to_dict())
+    except (ConfigError, ValueError, OSError, RunDirectoryError) as error:  # ConfigError, ImageFolderError: ValueErrors
+        return bad_input(error)
+    file_log = logging.FileHandler(run_dir.path / "run.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    if not quiet:
+        print(f"utilgen: {'resuming' if resuming else 'run'} {run_dir.path} on {device}: {loop.describe_plan(config)}")
+        print(config.to_json())
+    try:
+        metrics = loop.run(config, run_dir, data, progress=not quiet)
+    except loop.StageError as error:
+        print(f"utilgen: stopped: {error}", file=sys.stderr)
+        return EXIT_STAGE_STOPPED
+    except KeyboardInterrupt:
+        print(f"\nutilgen: interrupted; continue with: python -m utilgen.run --resume {run_dir.path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print_summary(metrics, run_dir.path)
+    return 0
+
+
+def print_summary(metrics: dict, path: Path) -> None:
+    from utilgen.report import accuracy_table_markdown
+
+    print(accuracy_table_markdown(metrics["accuracy"]))
+    bar = metrics["bar"]
+    verdict = "met" if bar["met"] else "NOT met"
+    print(f"UtilGen vs plain (synthetic-only): {bar['synthetic_only_gain_points']:+.1f} points; joint vs real-only: "
+          f"{bar['joint_gain_over_real_only_points']:+.1f} points; bar ({bar['required_points']:g} points and joint "
+          f"above real-only): {verdict}")  # fmt: skip
+    print(f"report: {path / 'report.md'}")
+
+
+def print_info(as_json: bool) -> int:
+    from utilgen import ops  # imports torch
+    from utilgen.generator.attention import attention_info
+
+    generator_attention = attention_info()
+    if as_json:
+        import json
+
+        print(json.dumps({**ops.info(), "generator": {"attention": generator_attention}}, indent=2, default=str))
+    else:
+        print(ops.info_text())
+        print(f"generator attention [{generator_attention['device']}]: auto -> {generator_attention['auto']} "
+              f"({generator_attention['reason']})")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

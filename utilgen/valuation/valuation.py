@@ -63,7 +63,14 @@ class Valuation:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-        """(N,) float32 utilities in [0, 1] of images (N, C, H, W) in [0, 1] labelled (N,) int64; on CPU."""
+        """(N,) float32 utilities in [0, 1] of images (N, C, H, W) in [0, 1] labelled (N,) int64; on CPU.
+
+        Images of another size (a generator rendering at 512 px for a 224 px task) are resized
+        first, antialiased bilinear, the way the task's data was.
+        """
+        if images.dim() == 4 and images.shape[1] == self.image_shape[0] and tuple(images.shape[2:]) != self.image_shape[1:]:
+            images = F.interpolate(images.float(), size=self.image_shape[1:], mode="bilinear", antialias=True,
+                                   align_corners=False).clamp(0, 1)  # fmt: skip
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:

@@ -1,0 +1,435 @@
+"""The run's configuration: frozen dataclasses per stage, named presets, files and ``--set`` overrides.
+
+Layer 0: standard library only (``python -m utilgen.run --help`` and config errors answer
+without importing torch). The loop turns each section into the stage's own config object
+(``BiLevelConfig``, ``DPOConfig``, ``ILPOConfig``), so field names match those classes.
+
+Resolution order, later wins: the dataclass defaults, the preset (``PRESETS``), the config
+file (``--config``, YAML or TOML, nested sections), then each ``--set section.key=value``.
+Every key is checked against the dataclasses: an unknown key is rejected with the list of
+valid ones, a value of the wrong type with the type expected, so a typo never runs an hour
+with a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says what would be accepted."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"  # "embedded" (the Fashion-MNIST subset shipped with utilgen) or an ImageFolder path
+    image_size: int = 16  # ImageFolder images are resized to this side (the generator's output is resized too)
+    channels: int = 1  # ImageFolder: 1 (grayscale) or 3 (RGB)
+    shots_per_class: int = 16  # D_r: real training images per class (the paper's 16 shots)
+    meta_per_class: int = 10  # D_v: held-out real images per class for TODV's outer loss
+    test_per_class: int | None = None  # None: every remaining image is test (the untouched split)
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.source != "", "data.source is empty: give --data PATH (an ImageFolder) or use 'embedded'")
+        _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
+        _require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
+        _require(self.shots_per_class >= 1 and self.meta_per_class >= 1,
+                 "data.shots_per_class and data.meta_per_class must be >= 1 (TODV needs a meta set)")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    kind: str = "embedded"  # "embedded" or "stable-diffusion" (a local diffusers directory in ``path``)
+    path: str | None = None
+    dtype: str = "float32"  # "float32", "float16" or "bfloat16" (Stable Diffusion on a GPU: float16)
+    steps: int = 10  # DDIM steps of every generation (plain, candidates, ILPO): one sampler for all pools
+    guidance_scale: float = 2.0
+    batch_size: int = 100
+    attention: str = "auto"  # "auto", "xformers", "sdpa" or "plain" (Stable Diffusion only)
+
+    def __post_init__(self) -> None:
+        _one_of("generator", "kind", self.kind, ("embedded", "stable-diffusion"))
+        _one_of("generator", "dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _one_of("generator", "attention", self.attention, ("auto", "xformers", "sdpa", "plain"))
+        _require(self.steps >= 1 and self.batch_size >= 1, "generator.steps and generator.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """Textual inversion: per-class tokens from the real shots (METHOD.md, loop step 0)."""
+
+    steps: int = 200
+    lr: float = 5e-3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    first_pool_per_class: int = 20  # D_g0: generated with the class tokens, valued by TODV
+    multiple: float = 5.0  # |D_g| = multiple x |D_r| for the plain and the UtilGen pool (the paper's 5x)
+
+    def __post_init__(self) -> None:
+        _require(self.first_pool_per_class >= 1, "synthetic.first_pool_per_class must be >= 1")
+        _require(self.multiple > 0, f"synthetic.multiple must be > 0, got {self.multiple}")
+
+
+@dataclass(frozen=True)
+class ValuationConfig:
+    """TODV (``utilgen.valuation.BiLevelConfig``)."""
+
+    strategy: str = "directional"
+    classifier: str = "cnn-small"
+    steps: int = 150
+    batch_size: int = 64
+    meta_batch_size: int = 50
+    inner_lr: float = 0.05
+    meta_lr: float = 1e-3
+    weight_net_hidden: int = 100
+    features: tuple[str, ...] = ("loss",)
+    normalize_weights: bool = True
+
+
+@dataclass(frozen=True)
+class MLCOConfig:
+    """Model-level optimisation: rounds of candidates -> utility pairs -> Diffusion-DPO (``DPOConfig``)."""
+
+    rounds: int = 1  # 0 = no MLCO
+    candidates_per_class: int = 16
+    pairs_per_class: int = 4
+    min_gap: float = 0.05  # pairs closer in utility than this are near-ties and skipped
+    beta: float = 2500.0
+    lr: float = 1e-4
+    steps: int = 200
+    batch_pairs: int = 16
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    refresh_valuation: bool = False  # refit TODV on D_r + the round's candidates after each round
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 0, f"mlco.rounds must be >= 0, got {self.rounds}")
+        _require(self.candidates_per_class >= 2, "mlco.candidates_per_class must be >= 2 (a pair needs two)")
+        _require(self.pairs_per_class >= 1, "mlco.pairs_per_class must be >= 1")
+
+
+@dataclass(frozen=True)
+class ILPOConfig:
+    """Instance-level optimisation of the final pool (``utilgen.adaptation.ILPOConfig``)."""
+
+    prompt_steps: int = 8
+    prompt_lr: float = 0.05
+    noise_strategy: str = "redenoise"  # "redenoise", "gradient" or "none"
+    noise_steps: int = 5
+    noise_lr: float = 0.05
+    grad_steps: int = 1
+    drift: str = "l2"  # "l2" or "class_consistency"
+    drift_weight: float = 1.0
+    batch_size: int = 50
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    classifier: str = "cnn-small"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 0.05
+    augment: bool = False  # random shifts during training (the same for every setting)
+    ablation: bool = False  # also: plain, +MLCO, +prompt, +noise, all (synthetic-only)
+
+    def __post_init__(self) -> None:
+        _require(len(self.seeds) >= 1, "evaluation.seeds needs at least one seed")
+        _require(self.steps >= 1 and self.batch_size >= 1, "evaluation.steps and evaluation.batch_size must be >= 1")
+        _require(self.lr > 0, f"evaluation.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "default"
+    run: RunSettings = field(default_factory=RunSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    valuation: ValuationConfig = field(default_factory=ValuationConfig)
+    mlco: MLCOConfig = field(default_factory=MLCOConfig)
+    ilpo: ILPOConfig = field(default_factory=ILPOConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# The presets: overrides of the defaults above. "default" is the embedded experiment of the README.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    # The whole loop at toy scale (tests, a first look): every stage runs, nothing is meaningful.
+    "smoke": {
+        "data": {"shots_per_class": 4, "meta_per_class": 3, "test_per_class": 20},
+        "generator": {"steps": 4, "batch_size": 64},
+        "tokens": {"steps": 5},
+        "synthetic": {"first_pool_per_class": 4, "multiple": 1.0},
+        "valuation": {"steps": 10, "batch_size": 32, "meta_batch_size": 16},
+        "mlco": {"rounds": 1, "candidates_per_class": 4, "pairs_per_class": 1, "min_gap": 0.0, "steps": 4,
+                 "batch_pairs": 4},  # fmt: skip
+        "ilpo": {"prompt_steps": 1, "batch_size": 32},
+        "evaluation": {"seeds": (0,), "steps": 10, "batch_size": 32},
+    },
+    # Stable Diffusion 2.1 (local diffusers directory, --generator) on an ImageFolder (--data), on the GPU.
+    "sd21": {
+        "data": {"image_size": 224, "channels": 3},  # the source: --data PATH (required)
+        "generator": {"kind": "stable-diffusion", "dtype": "float16", "steps": 25, "guidance_scale": 2.0,
+                      "batch_size": 16},  # fmt: skip
+        "tokens": {"steps": 500, "lr": 5e-3, "batch_size": 8},
+        "synthetic": {"first_pool_per_class": 16},
+        "valuation": {"classifier": "resnet18", "steps": 400, "batch_size": 64, "meta_batch_size": 64},
+        "mlco": {"rounds": 2, "candidates_per_class": 8, "pairs_per_class": 2, "beta": 5000.0, "lr": 1e-5,
+                 "steps": 200, "batch_pairs": 4},  # fmt: skip
+        "ilpo": {"prompt_steps": 6, "prompt_lr": 1e-3, "batch_size": 8, "drift_weight": 1.0},
+        "evaluation": {"classifier": "resnet18", "steps": 1500, "batch_size": 64, "lr": 0.05, "augment": True},
+        "run": {"device": "auto"},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def build_config(
+    preset: str = "default",
+    file_values: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """The resolved config: defaults <- preset <- ``file_values`` (nested dict) <- ``overrides`` ("a.b=v")."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; the presets are {', '.join(sorted(PRESETS))}")
+    values: dict[str, dict[str, Any]] = {}
+    _merge(values, PRESETS[preset], origin=f"preset {preset}")
+    if file_values:
+        file_values = dict(file_values)
+        file_preset = file_values.pop("preset", None)
+        if file_preset is not None and file_preset != preset:
+            raise ConfigError(f"the config file names preset {file_preset!r}, the command line {preset!r}; use one")
+        _merge(values, file_values, origin="the config file")
+    for override in overrides:
+        section, key, raw = _split_override(override)
+        try:
+            value = parse_value(raw, _field_type(section, key))
+        except ConfigError as error:
+            raise ConfigError(f"--set {override}: {error}") from None
+        _merge(values, {section: {key: value}}, origin=f"--set {override}")
+    sections = {name: _build_section(name, section_values) for name, section_values in values.items()}
+    return Config(preset=preset, **sections)
+
+
+def config_from_dict(value: dict[str, Any]) -> Config:
+    """A ``Config`` from its ``to_dict()`` form (``config.json`` of a run), every key checked."""
+    value = dict(value)
+    preset = value.pop("preset", "default")
+    sections = {name: _build_section(name, _checked_section(name, section, "config.json"))
+                for name, section in value.items()}  # fmt: skip
+    return Config(preset=preset, **sections)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a YAML (.yaml/.yml) or TOML (.toml) config file; JSON (.json) too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from error
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            value = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml  # PyYAML: a dependency of utilgen (through huggingface-hub and declared)
+
+            value = yaml.safe_load(text)
+        elif suffix == ".json":
+            value = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unknown format {suffix!r}; use .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as error:  # the parsers' own errors (line and column) are the useful part
+        raise ConfigError(f"config file {path} does not parse: {error}") from error
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(value).__name__}")
+    return value
+
+
+def valid_keys() -> list[str]:
+    """Every ``section.key`` a config accepts, in declaration order."""
+    return [f"{section}.{key}" for section, cls in _sections().items() for key in _field_names(cls)]
+
+
+# ------------------------------------------------------------------------------------------- checking
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "preset"}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _field_type(section: str, key: str) -> Any:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; the sections are {', '.join(sections)}")
+    hints = typing.get_type_hints(sections[section])
+    if key not in hints:
+        raise ConfigError(
+            f"unknown config key {section}.{key}; the keys of [{section}] are "
+            f"{', '.join(_field_names(sections[section]))}"
+        )
+    return hints[key]
+
+
+def _merge(into: dict[str, dict[str, Any]], values: dict[str, Any], *, origin: str) -> None:
+    for section, section_values in values.items():
+        checked = _checked_section(section, section_values, origin)
+        into.setdefault(section, {}).update(checked)
+
+
+def _checked_section(section: str, section_values: Any, origin: str) -> dict[str, Any]:
+    if section not in _sections():
+        raise ConfigError(f"{origin}: unknown config section {section!r}; the sections are {', '.join(_sections())}")
+    if not isinstance(section_values, dict):
+        raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys, got {section_values!r}")
+    checked = {}
+    for key, value in section_values.items():
+        expected = _field_type(section, key)
+        try:
+            checked[key] = coerce(value, expected)
+        except ConfigError as error:
+            raise ConfigError(f"{origin}: {section}.{key}: {error}") from None
+    return checked
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = _sections()[name]
+    return cls(**values)
+
+
+def _split_override(text: str) -> tuple[str, str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set mlco.rounds=2")
+    name, raw = text.split("=", 1)
+    parts = name.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key; valid keys: {', '.join(valid_keys())}")
+    return parts[0], parts[1], raw.strip()
+
+
+def _describe(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(expected))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(expected)[0])}"
+    if expected is type(None):
+        return "none"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(expected, str(expected))
+
+
+def coerce(value: Any, expected: Any) -> Any:
+    """``value`` (from a file or ``parse_value``) as type ``expected``, or ConfigError saying what was expected."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        arguments = typing.get_args(expected)
+        if value is None and type(None) in arguments:
+            return None
+        for argument in arguments:
+            if argument is type(None):
+                continue
+            try:
+                return coerce(value, argument)
+            except ConfigError:
+                pass
+        raise ConfigError(f"expected {_describe(expected)}, got {value!r}")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(expected)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected {_describe(expected)}, got {value!r}")
+        return tuple(coerce(item, item_type) for item in value)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"expected {_describe(expected)}, got {value!r}")
+
+
+def parse_value(raw: str, expected: Any) -> Any:
+    """A ``--set`` value string as type ``expected``: numbers, true/false, none/null, comma-separated lists."""
+    origin = typing.get_origin(expected)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(expected)
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    if optional:
+        (expected,) = [a for a in typing.get_args(expected) if a is not type(None)]
+        origin = typing.get_origin(expected)
+    if origin is tuple:
+        item_type = typing.get_args(expected)[0]
+        items = [item.strip() for item in raw.strip("[]() ").split(",") if item.strip()]
+        return tuple(parse_value(item, item_type) for item in items)
+    if expected is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"expected true or false, got {raw!r}")
+    if expected is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {raw!r}") from None
+    if expected is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {raw!r}") from None
+    return raw
