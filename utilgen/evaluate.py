@@ -51,7 +51,8 @@ class TrainingSet:
 def joint(real: LabelledImages, synthetic: LabelledImages) -> LabelledImages:
     """D_r ∪ D_g: one training set, sampled uniformly (the synthetic images resized to the real ones)."""
     images = resize_images(synthetic.images, real.images.shape[-1])
-    return LabelledImages(torch.cat([real.images, images]), torch.cat([real.labels, synthetic.labels]), real.class_names)
+    labels = torch.cat([real.labels, synthetic.labels])
+    return LabelledImages(torch.cat([real.images, images]), labels, real.class_names)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -92,11 +92,12 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
     with stages.stage("pool0", [cfg.synthetic.first_pool_per_class], ["pools/pool0"]) as needed:
         if needed:
             labels, seeds = instance_list(k, cfg.synthetic.first_pool_per_class, cfg.run.seed, "pool0")
-            generate_plain(generator, labels, seeds, cfg, real, stage="initial").save(directory.path / "pools/pool0")
+            pool = generate_plain(generator, labels, seeds, cfg, real, stage="initial", progress=progress)
+            pool.save(directory.path / "pools/pool0")
     with stages.stage("plain", [cfg.synthetic.multiple], ["pools/plain"]) as needed:
         if needed:
-            generate_plain(generator, final_labels, final_seeds, cfg, real, stage="plain").save(
-                directory.path / "pools/plain")
+            pool = generate_plain(generator, final_labels, final_seeds, cfg, real, stage="plain", progress=progress)
+            pool.save(directory.path / "pools/plain")
     pool0, plain = load_pool(directory, "pool0"), load_pool(directory, "plain")
 
     with stages.stage("valuation", [cfg.valuation], ["valuation"]) as needed:
@@ -280,11 +281,11 @@ def instance_list(num_classes: int, per_class: int, run_seed: int, pool: str, *,
 
 
 def generate_plain(generator: Generator, labels: torch.Tensor, seeds: torch.Tensor, cfg: Config, real: Splits,
-                   *, stage: str) -> SyntheticPool:  # fmt: skip
+                   *, stage: str, progress: bool = False) -> SyntheticPool:  # fmt: skip
     """Class-token generation, no UtilGen: the first pool and the plain baseline."""
     images = generator.sample(generator.class_prompt_embeds(labels), generator.initial_noise(seeds.tolist()),
                               guidance_scale=cfg.generator.guidance_scale, steps=cfg.generator.steps,
-                              batch_size=cfg.generator.batch_size)  # fmt: skip
+                              batch_size=cfg.generator.batch_size, progress=progress)  # fmt: skip
     pool = SyntheticPool.create(images, labels, real.class_names, seeds, round=0, stage=stage)
     return to_task_size(pool, real)
 
@@ -313,8 +314,8 @@ def fit_or_stop(real: Splits, synthetic: SyntheticPool, config: BiLevelConfig, o
     except NonFiniteLossError as error:
         partial = out.with_name(out.name + ".partial")
         error.valuation.save(partial)
-        raise StageError(f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr or "
-                         "valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=...") from error  # fmt: skip
+        raise StageError(f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr "
+                         "or valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=...") from error
 
 
 def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None:
@@ -346,7 +347,7 @@ def mlco_round(generator: Generator, valuation: Valuation, real: Splits, cfg: Co
     candidates = generate_candidates(generator, valuation, range(k), cfg.mlco.candidates_per_class, seeds.tolist(),
                                      class_names=real.class_names, round=round_index,
                                      guidance_scale=cfg.generator.guidance_scale, steps=cfg.generator.steps,
-                                     batch_size=cfg.generator.batch_size)  # fmt: skip
+                                     batch_size=cfg.generator.batch_size, progress=method.dpo.progress)  # fmt: skip
     pairs = pairs_from_pool(candidates, pairs_per_class=cfg.mlco.pairs_per_class, min_gap=cfg.mlco.min_gap)
     summary = {"round": round_index, "pairs": len(pairs), "mean_candidate_utility": float(candidates.utilities.mean())}
     if len(pairs) == 0:
@@ -401,7 +402,8 @@ def _mean(values: torch.Tensor) -> float | None:
 def ablation(generator: Generator, valuation: Valuation, real: Splits, cfg: Config, method: StageConfigs,
              labels: torch.Tensor, seeds: torch.Tensor, directory: RunDirectory) -> None:  # fmt: skip
     """+MLCO (class prompts, tuned generator), +prompt and +noise (ILPO parts, generator without MLCO)."""
-    generate_plain(generator, labels, seeds, cfg, real, stage="ablation").save(directory.path / "pools/ablation-mlco")
+    pool = generate_plain(generator, labels, seeds, cfg, real, stage="ablation", progress=method.ilpo.progress)
+    pool.save(directory.path / "pools/ablation-mlco")
     base = build_generator(cfg, real.class_names, generator.device)
     base.set_class_tokens(generator.class_tokens.clone())
     for name, ilpo in (("ablation-prompt", dataclasses.replace(method.ilpo, noise_strategy="none")),

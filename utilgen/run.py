@@ -174,6 +174,8 @@ def execute(config, directory: Path, *, quiet: bool) -> int:
         metrics = loop.run(config, run_dir, data, progress=not quiet)
     except loop.StageError as error:
         print(f"utilgen: stopped: {error}", file=sys.stderr)
+        print(f"utilgen: the finished stages are kept; continue with: python -m utilgen.run --resume {run_dir.path} "
+              "--set KEY=VALUE", file=sys.stderr)  # fmt: skip
         return EXIT_STAGE_STOPPED
     except KeyboardInterrupt:
         print(f"\nutilgen: interrupted; continue with: python -m utilgen.run --resume {run_dir.path}", file=sys.stderr)

@@ -1,0 +1,219 @@
+"""``python -m utilgen.run`` end to end: the smoke preset, the run directory, SIGKILL + resume, bad input.
+
+The end-to-end tests run the real entry point in a subprocess (DESIGN.md section 6) on the
+``smoke`` preset: every stage, at toy scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utilgen import run as cli
+
+STAGES = ["splits", "tokens", "pool0", "plain", "valuation", "mlco-1", "ilpo", "evaluate", "report"]
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "utilgen.run", "--preset", "smoke", "--quiet", *args]
+
+
+def _done_stages(run_dir: Path) -> list[str]:
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [name for name, entry in manifest["stages"].items() if entry["status"] == "done"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    result = subprocess.run(_command("--out", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_writes_the_documented_run_directory(smoke_run):
+    assert set(_done_stages(smoke_run)) == set(STAGES)
+    config = json.loads((smoke_run / "config.json").read_text())
+    assert config["preset"] == "smoke"
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"real-only", "plain synthetic-only", "plain joint", "utilgen synthetic-only",
+                                        "utilgen joint"}  # fmt: skip
+    for result in metrics["accuracy"].values():
+        assert 0.0 <= result["mean"] <= 1.0 and len(result["accuracies"]) == 1
+    assert isinstance(metrics["bar"]["met"], bool)
+    assert metrics["valuation"]["curve"]["loss"] and metrics["mlco"][0]["round"] == 1
+    report = (smoke_run / "report.md").read_text()
+    assert "plain synthetic-only" in report and "plots/" in report
+    # synthetic data: an ImageFolder tree plus metadata.jsonl, one row per image
+    pool = smoke_run / "pools" / "utilgen"
+    rows = [json.loads(line) for line in (pool / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 * 4 and {"file", "label", "class_name", "seed", "round", "utility"} <= set(rows[0])
+    first = Image.open(pool / rows[0]["file"])
+    assert first.size == (16, 16)
+    # weights as safetensors only: nothing pickled anywhere in the run
+    suffixes = {p.suffix for p in smoke_run.rglob("*") if p.is_file()}
+    assert not suffixes & {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
+    assert (smoke_run / "mlco" / "round-1" / "adapters.safetensors").exists()
+    assert not list(smoke_run.rglob("*.tmp"))
+
+
+def _kill_after(out: Path, stage: str, *args: str) -> None:
+    """Start the run, SIGKILL it as soon as ``stage`` is marked done."""
+    process = subprocess.Popen(_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while stage not in _done_stages(out):
+            assert process.poll() is None, f"the run ended (status {process.returncode}) before {stage} was done"
+            assert time.monotonic() < deadline, f"{stage} not done in time"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    _kill_after(out, "pool0", "--out", str(out))
+    done = _done_stages(out)
+    assert "pool0" in done and "report" not in done
+    _kill_after(out, "mlco-1", "--resume", str(out))  # a second kill, later in the loop
+    assert "report" not in _done_stages(out)
+    result = subprocess.run(_command("--resume", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(_done_stages(out)) == set(STAGES)
+    for relative in ("evaluation.json", "tokens.safetensors", "valuation/valuation.safetensors", "ilpo.json",
+                     "pools/utilgen/metadata.jsonl", "pools/plain/metadata.jsonl",
+                     "mlco/round-1/adapters.safetensors", "pools/utilgen/tensors.safetensors"):  # fmt: skip
+        assert (out / relative).read_bytes() == (smoke_run / relative).read_bytes(), relative
+    for relative in sorted(p.relative_to(smoke_run) for p in (smoke_run / "pools").rglob("*.png")):
+        assert (out / relative).read_bytes() == (smoke_run / relative).read_bytes(), relative
+
+
+def test_resume_of_a_finished_run_recomputes_nothing(smoke_run, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(smoke_run), str(copy)], check=True)
+    before = json.loads((copy / "manifest.json").read_text())
+    result = subprocess.run(_command("--resume", str(copy)), capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((copy / "manifest.json").read_text())["stages"] == before["stages"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _main(capsys, *args: str) -> tuple[int, str]:
+    status = cli.main(["--preset", "smoke", "--quiet", *args])
+    return status, capsys.readouterr().err
+
+
+def _image_folder(root: Path, classes: int = 10, per_class: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        folder = root / f"class{k}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "mlco.roundz=2"], "unknown config key mlco.roundz; the keys of [mlco] are rounds"),
+        (["--set", "mlco.rounds=two"], "expected an integer, got 'two'"),
+        (["--set", "ilpo.noise_strategy=magic"], "noise_strategy must be one of"),
+        (["--set", "data.shots_per_class=400"], "too few images"),
+        (["--data", "/nonexistent/images"], "/nonexistent/images"),
+        (["--generator", "/nonexistent/sd"], "/nonexistent/sd"),
+        (["--config", "/nonexistent/run.yaml"], "does not exist"),
+        (["--resume", "/nonexistent/run"], "not a utilgen run directory"),
+    ],
+)
+def test_bad_input_is_one_message_and_status_2(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    status, err = _main(capsys, "--out", str(out), *args) if "--resume" not in args else _main(capsys, *args)
+    assert status == 2
+    assert err.startswith("utilgen: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_sd21_preset_requires_generator_and_data(capsys, tmp_path):
+    status = cli.main(["--preset", "sd21", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "--generator PATH" in err
+
+
+def test_image_folder_with_a_corrupt_file_or_empty_class(capsys, tmp_path):
+    root = _image_folder(tmp_path / "data")
+    (root / "class3" / "7.png").write_bytes(b"not a png")
+    status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
+    assert status == 2 and "7.png" in err and not (tmp_path / "run").exists()
+    (root / "class3" / "7.png").unlink()
+    for file in (root / "class5").iterdir():
+        file.unlink()
+    status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
+    assert status == 2 and "class5" in err and not (tmp_path / "run").exists()
+
+
+def test_generator_directory_with_missing_files(capsys, tmp_path):
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    status, err = _main(capsys, "--generator", str(tmp_path / "sd"), "--out", str(tmp_path / "run"))
+    assert status == 2 and "missing" in err and not (tmp_path / "run").exists()
+
+
+def test_not_enough_disk_space(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("utilgen.rundir.free_bytes", lambda path: 1024)
+    status, err = _main(capsys, "--out", str(tmp_path / "run"))
+    assert status == 2 and "not enough disk space" in err and "MiB" in err and not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_directory_is_not_overwritten(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    status, err = _main(capsys, "--out", str(out))
+    assert status == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_exit_status_2_from_the_real_entry_point(tmp_path):
+    result = subprocess.run(_command("--set", "mlco.rounds=-1", "--out", str(tmp_path / "run")), capture_output=True,
+                            text=True, timeout=120, env=ENV)  # fmt: skip
+    assert result.returncode == 2 and "mlco.rounds must be >= 0" in result.stderr
+
+
+def test_list_keys_names_every_key(capsys):
+    assert cli.main(["--list-keys"]) == 0
+    out = capsys.readouterr().out
+    assert "mlco.rounds = 1" in out and "evaluation.seeds = (0, 1, 2)" in out
+
+
+def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(_command("--out", str(out), "--set", "valuation.inner_lr=1e30"), capture_output=True,
+                            text=True, timeout=300, env=ENV)  # fmt: skip
+    assert result.returncode == 1 and "TODV" in result.stderr and f"--resume {out}" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    assert manifest["valuation"]["status"] == "failed" and "nan" in manifest["valuation"]["error"]
+    assert {name for name, e in manifest.items() if e["status"] == "done"} == {"splits", "tokens", "pool0", "plain"}
+    assert (out / "valuation.partial" / "valuation.safetensors").exists()  # what was done so far, kept
+    result = subprocess.run(_command("--resume", str(out), "--set", "valuation.inner_lr=0.05"), capture_output=True,
+                            text=True, timeout=300, env=ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((out / "manifest.json").read_text())["stages"]
+    assert set(_done_stages(out)) == set(STAGES)
+    for name in ("splits", "tokens", "pool0", "plain"):  # reused, not recomputed
+        assert resumed[name]["finished"] == manifest[name]["finished"]
+    assert json.loads((out / "config.json").read_text())["valuation"]["inner_lr"] == 0.05
