@@ -120,7 +120,7 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
         if needed:
             pool, history = optimise_instances(generator, valuation, final_labels, final_seeds, method.ilpo)
             to_task_size(pool, real).save(directory.path / "pools/utilgen")
-            atomic_write_json(directory.path / "ilpo.json", ilpo_summary(history))
+            atomic_write_json(directory.path / "ilpo.json", ilpo_summary(history, pool))
     utilgen_pool = load_pool(directory, "utilgen")
 
     ablation_pools: dict[str, SyntheticPool] = {}
@@ -138,9 +138,14 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
             results = evaluate_or_stop(settings, real.test, cfg, device, checkpoint, progress)
             atomic_write_json(directory.path / "evaluation.json", results)
             checkpoint.unlink(missing_ok=True)
-    results = json.loads((directory.path / "evaluation.json").read_text())
+    order = [setting.name for setting in settings]  # the JSON files sort their keys; the tables read in this order
+    results = _ordered(json.loads((directory.path / "evaluation.json").read_text()), order)
 
-    pools = {"pool0": pool0, "plain": plain, "utilgen": utilgen_pool, **ablation_pools}
+    # For the histograms: D_g0 as TODV valued it, and the plain pool under the valuation ILPO climbed.
+    pool0_utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
+    pools = {"pool0": pool0.with_utilities(torch.tensor(pool0_utilities)),
+             "plain": plain.with_utilities(valuation.score(plain.images, plain.labels)),
+             "utilgen": utilgen_pool, **ablation_pools}  # fmt: skip
     pools.update({f"mlco-round-{r}": load_pool(directory, f"mlco-{r}") for r in range(1, cfg.mlco.rounds + 1)})
     metrics = collect_metrics(cfg, directory, real, results, device)
     with stages.stage("report", [], ["metrics.json", "report.md", "plots"]) as needed:
@@ -149,7 +154,12 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
 
             atomic_write_json(directory.path / "metrics.json", metrics)
             write_report(directory.path, metrics, pools)
-    return json.loads((directory.path / "metrics.json").read_text())
+    saved = json.loads((directory.path / "metrics.json").read_text())
+    return {**saved, "accuracy": _ordered(saved["accuracy"], order)}
+
+
+def _ordered(results: dict, order: list[str]) -> dict:
+    return {name: results[name] for name in order if name in results}
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -386,12 +396,12 @@ def replay_round(generator: Generator, config: DPOConfig, round_index: int, dire
 # ------------------------------------------------------------------------------------ ILPO, ablation
 
 
-def ilpo_summary(history) -> dict:
+def ilpo_summary(history, pool: SyntheticPool) -> dict:
+    """Mean utility with the class prompt, at the optimised prompt (differentiable proxy), of the final images."""
     before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
     after = torch.cat([h.utility_after for h in history.prompt]) if history.prompt else torch.empty(0)
-    return {"utility_before": _mean(before), "utility_after_prompt": _mean(after),
-            "prompt_seconds": sum(h.seconds for h in history.prompt),
-            "noise_seconds": sum(h.seconds for h in history.noise)}  # fmt: skip
+    # No wall times here (the manifest has the stage's): this file is a result, equal across resumed runs.
+    return {"utility_before": _mean(before), "utility_after_prompt": _mean(after), "utility_after": _mean(pool.utilities)}
 
 
 def _mean(values: torch.Tensor) -> float | None:
