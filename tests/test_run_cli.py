@@ -154,7 +154,10 @@ def _image_folder(root: Path, classes: int = 10, per_class: int = 40) -> Path:
 )
 def test_bad_input_is_one_message_and_status_2(capsys, tmp_path, args, message):
     out = tmp_path / "run"
-    status, err = _main(capsys, "--out", str(out), *args) if "--resume" not in args else _main(capsys, *args)
+    if "--resume" in args:
+        status, err = cli.main(["--quiet", *args]), capsys.readouterr().err
+    else:
+        status, err = _main(capsys, "--out", str(out), *args)
     assert status == 2
     assert err.startswith("utilgen: error: ") and message in err and err.count("\n") == 1
     assert not out.exists()  # nothing half-written
@@ -227,3 +230,13 @@ def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path
     for name in ("splits", "tokens", "pool0", "plain"):  # reused, not recomputed
         assert resumed[name]["finished"] == manifest[name]["finished"]
     assert json.loads((out / "config.json").read_text())["valuation"]["inner_lr"] == 0.05
+
+
+def test_config_file_may_name_the_preset(capsys, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "execute", lambda config, directory, quiet: seen.setdefault("config", config) and 0)
+    (tmp_path / "run.yaml").write_text("preset: smoke\nmlco:\n  rounds: 2\n")
+    assert cli.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert seen["config"].preset == "smoke" and seen["config"].mlco.rounds == 2
+    status = cli.main(["--preset", "default", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")])
+    assert status == 2 and "names preset 'smoke'" in capsys.readouterr().err

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done; 1 a stage stopped (resume with --resume); 2 bad input; 130 interrupted.",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", default="default", help="smoke | default | sd21 (Stable Diffusion 2.1; needs "
-                     "--generator and --data). Default: default")  # fmt: skip
+    run.add_argument("--preset", help="smoke | default | sd21 (Stable Diffusion 2.1; needs --generator and --data). "
+                     "Default: the config file's `preset`, else default")  # fmt: skip
     run.add_argument("--config", metavar="FILE", help="YAML or TOML file of sections, e.g. [mlco] rounds = 2")
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                      help="override one key, e.g. --set mlco.rounds=2 --set evaluation.seeds=0,1,2 (repeatable)")
@@ -78,7 +78,7 @@ def resolve(args: argparse.Namespace):
     from utilgen.rundir import RunDirectory
 
     if args.resume:
-        for option in ("config", "generator", "data", "seed", "out"):
+        for option in ("preset", "config", "generator", "data", "seed", "out"):
             if getattr(args, option) is not None:
                 raise ConfigError(f"--resume continues a run with its saved config; --{option} cannot change it "
                                   "(--set and --device may adjust stages not yet done)")  # fmt: skip
@@ -96,7 +96,8 @@ def resolve(args: argparse.Namespace):
         shortcuts += ["generator.kind=stable-diffusion", f"generator.path={args.generator}"]
     if args.data:
         shortcuts.append(f"data.source={args.data}")
-    config = build_config(args.preset, file_values, shortcuts + list(args.overrides))
+    preset = args.preset or (file_values or {}).get("preset") or "default"
+    config = build_config(preset, file_values, shortcuts + list(args.overrides))
     if config.generator.kind == "stable-diffusion" and not config.generator.path:
         raise ConfigError("the Stable Diffusion generator needs its directory: --generator PATH")
     if config.preset == "sd21" and config.data.source in ("", "embedded"):
