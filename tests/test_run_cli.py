@@ -25,7 +25,8 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "utilgen.run", "--preset", "smoke", "--quiet", *args]
+    preset = [] if "--resume" in args else ["--preset", "smoke"]  # a resumed run keeps its saved preset
+    return [sys.executable, "-m", "utilgen.run", *preset, "--quiet", *args]
 
 
 def _done_stages(run_dir: Path) -> list[str]:
