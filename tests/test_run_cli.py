@@ -223,11 +223,14 @@ def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path
     assert manifest["valuation"]["status"] == "failed" and "nan" in manifest["valuation"]["error"]
     assert {name for name, e in manifest.items() if e["status"] == "done"} == {"splits", "tokens", "pool0", "plain"}
     assert (out / "valuation.partial" / "valuation.safetensors").exists()  # what was done so far, kept
-    result = subprocess.run(_command("--resume", str(out), "--set", "valuation.inner_lr=0.05"), capture_output=True,
-                            text=True, timeout=300, env=ENV)  # fmt: skip
+    # the fix, plus the ablation pools (evaluation.ablation), which the uninterrupted smoke run does not cover
+    fix = ["--set", "valuation.inner_lr=0.05", "--set", "evaluation.ablation=true"]
+    result = subprocess.run(_command("--resume", str(out), *fix), capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((out / "manifest.json").read_text())["stages"]
-    assert set(_done_stages(out)) == set(STAGES)
+    assert set(_done_stages(out)) == set(STAGES) | {"ablation"}
+    accuracy = json.loads((out / "metrics.json").read_text())["accuracy"]
+    assert {"+mlco synthetic-only", "+prompt synthetic-only", "+noise synthetic-only"} <= set(accuracy)
     for name in ("splits", "tokens", "pool0", "plain"):  # reused, not recomputed
         assert resumed[name]["finished"] == manifest[name]["finished"]
     assert json.loads((out / "config.json").read_text())["valuation"]["inner_lr"] == 0.05
