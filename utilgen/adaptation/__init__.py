@@ -12,6 +12,9 @@ ILPO (instance level):
 - per-instance prompt-embedding and initial-noise optimisation against the valuation's
   utility: ``optimise_prompts``, ``refine_noise``, ``optimise_instances``;
   ``ClipAlignment``: the optional CLIP class-text drift term (a local CLIP model).
+
+Selection (this project's extension): ``select_per_class`` keeps ``per_class`` candidates of
+each class by utility ("top", or a "band" that drops only the lowest-utility fraction).
 """
 
 from utilgen.adaptation.clip_alignment import ClipAlignment
@@ -47,6 +50,7 @@ from utilgen.adaptation.mlco import (
     train_dpo_round,
 )
 from utilgen.adaptation.pairs import CANDIDATE_STAGE, Pairs, build_pairs, generate_candidates, pairs_from_pool
+from utilgen.adaptation.selection import SELECTION_MODES, select_indices_per_class, select_per_class
 
 __all__ = [
     "ADAPTER_NAME", "CANDIDATE_STAGE", "DPOConfig", "DPOHistory", "DPONonFiniteError", "DPORoundResult",
@@ -55,4 +59,5 @@ __all__ = [
     "pairs_from_pool", "reanchor", "save_adapters", "train_dpo_round",
     "DRIFTS", "NOISE_STRATEGIES", "AscentHistory", "ClipAlignment", "ILPOConfig", "ILPOHistory",
     "optimise_instances", "optimise_prompts", "refine_noise",
+    "SELECTION_MODES", "select_indices_per_class", "select_per_class",
 ]  # fmt: skip
