@@ -137,6 +137,9 @@ SETTINGS: dict[str, dict] = {
     "noise": dict(tokens=True, ilpo=dict(prompt_steps=0, noise_strategy="redenoise")),
     # ILPO prompt (2 Adam steps through the 10-step sampler, last call differentiated) + re-denoise
     "ilpo": dict(tokens=True, ilpo=dict(prompt_steps=2, prompt_lr=0.05, noise_strategy="redenoise")),
+    # repair mode: only the instances below the 25% utility quantile of D_g0 ascend (4 steps), then re-denoise
+    "repair": dict(tokens=True, ilpo=dict(prompt_steps=4, prompt_lr=0.05, noise_strategy="redenoise",
+                                          repair_quantile=0.25)),
     # the brief's utility-selection lever: 3 x candidates per class, keep the top 80 by utility
     "plain-top3": dict(tokens=True, oversample=3, select="top"),
     # MLCO: one weak Diffusion-DPO round, then ILPO re-denoise
@@ -243,6 +246,11 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
                                   guidance_scale=guidance, steps=steps)  # fmt: skip
         utilities = valuation.score(images, labels)
     else:
+        ilpo = dict(ilpo)
+        if "repair_quantile" in ilpo:  # repair mode: the threshold is a quantile of D_g0's utilities
+            threshold = float(torch.quantile(valuation.score(pool0.images, pool0.labels), ilpo.pop("repair_quantile")))
+            ilpo["ascend_below"] = threshold
+            report["ascend_below"] = round(threshold, 4)
         config = ILPOConfig(**{"steps": steps, "guidance_scale": guidance, "batch_size": 100, "progress": False, **ilpo})
         pool, history = optimise_instances(generator, valuation, labels, seeds, config)
         images, utilities = pool.images, pool.utilities

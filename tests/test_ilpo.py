@@ -265,3 +265,16 @@ def test_ilpo_runs_on_the_stable_diffusion_backend(tmp_path):
     assert float((pool.prompt_embeds - anchor).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
     assert float((pool.prompt_embeds - anchor).abs().max()) > 0  # the prompts moved
     assert len(history.noise) == 1
+
+
+def test_repair_mode_moves_only_the_instances_below_the_threshold(gen, valuation):
+    labels, noise = _batch(gen, n=8)
+    start = optimise_prompts(gen, valuation, labels, noise, _config(prompt_steps=0))[1].utility_before  # (8,)
+    threshold = float(start.median())
+    prompts, history = optimise_prompts(gen, valuation, labels, noise, _config(ascend_below=threshold))
+    moved = (prompts - gen.class_prompt_embeds(labels)).flatten(1).norm(dim=1) > 0  # (8,)
+    below = history.utility_before < threshold
+    assert bool(below.any()) and bool((~below).any())
+    assert not bool(moved[~below].any()) and bool(moved.any())  # at or above: the class prompt, exactly
+    assert bool((history.stopped_at[~below] == 0).all()) and bool((history.stopped_at[below] > 0).all())
+    assert float(history.utility_after[below].mean()) > float(history.utility_before[below].mean())

@@ -211,7 +211,7 @@ def test_exit_status_2_from_the_real_entry_point(tmp_path):
 def test_list_keys_names_every_key(capsys):
     assert cli.main(["--list-keys"]) == 0
     out = capsys.readouterr().out
-    assert "mlco.rounds = 1" in out and "evaluation.seeds = (0, 1, 2)" in out
+    assert "mlco.rounds = 1" in out and "evaluation.seeds = (0, 1, 2)" in out and "ilpo.prompt_steps = 2" in out
 
 
 def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path):
@@ -224,7 +224,7 @@ def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path
     assert {name for name, e in manifest.items() if e["status"] == "done"} == {"splits", "tokens", "pool0", "plain"}
     assert (out / "valuation.partial" / "valuation.safetensors").exists()  # what was done so far, kept
     # the fix, plus the ablation pools (evaluation.ablation), which the uninterrupted smoke run does not cover
-    fix = ["--set", "valuation.inner_lr=0.05", "--set", "evaluation.ablation=true"]
+    fix = ["--set", "valuation.inner_lr=0.05", "--set", "evaluation.ablation=true", "--set", "ilpo.repair_quantile=0.5"]
     result = subprocess.run(_command("--resume", str(out), *fix), capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((out / "manifest.json").read_text())["stages"]

@@ -63,9 +63,9 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random translations of up to 1/8 of the side (reflection-padded) and horizontal flips, per image."""
+    """Random translations of up to 1/16 of the side (reflection-padded) and horizontal flips, per image."""
     n, _, height, width = images.shape
-    pad = max(1, height // 8)
+    pad = max(1, height // 16)
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)

@@ -118,7 +118,12 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
 
     with stages.stage("ilpo", [cfg.ilpo], ["pools/utilgen", "ilpo.json"]) as needed:
         if needed:
-            pool, history = optimise_instances(generator, valuation, final_labels, final_seeds, method.ilpo)
+            ilpo = method.ilpo
+            if cfg.ilpo.repair_quantile is not None:  # the threshold: a quantile of D_g0's utilities under TODV
+                utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
+                threshold = float(torch.quantile(torch.tensor(utilities), cfg.ilpo.repair_quantile))
+                ilpo = dataclasses.replace(ilpo, ascend_below=threshold)
+            pool, history = optimise_instances(generator, valuation, final_labels, final_seeds, ilpo)
             to_task_size(pool, real).save(directory.path / "pools/utilgen")
             atomic_write_json(directory.path / "ilpo.json", ilpo_summary(history, pool))
     utilgen_pool = load_pool(directory, "utilgen")
@@ -220,8 +225,8 @@ def stage_configs(cfg: Config, device: torch.device, progress: bool) -> StageCon
                                    batch_pairs=cfg.mlco.batch_pairs, lora_rank=cfg.mlco.lora_rank,
                                    lora_alpha=cfg.mlco.lora_alpha, rounds=max(cfg.mlco.rounds, 1),
                                    seed=cfg.run.seed, progress=progress)),
-        ("ilpo", lambda: adaptation.ILPOConfig(**dataclasses.asdict(cfg.ilpo), steps=gen.steps,
-                                               guidance_scale=gen.guidance_scale, progress=progress)),
+        ("ilpo", lambda: adaptation.ILPOConfig(**_without(dataclasses.asdict(cfg.ilpo), "repair_quantile"),
+                                               steps=gen.steps, guidance_scale=gen.guidance_scale, progress=progress)),
     ):  # fmt: skip
         try:
             built[section] = build()
@@ -231,6 +236,10 @@ def stage_configs(cfg: Config, device: torch.device, progress: bool) -> StageCon
 
 
 # ------------------------------------------------------------------------------------ data and generator
+
+
+def _without(values: dict, *keys: str) -> dict:
+    return {k: v for k, v in values.items() if k not in keys}
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from utilgen.io import atomic_write_json
+from utilgen.io import atomic_write_json, file_sha256
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -30,14 +30,6 @@ _FORMAT = "utilgen.run/1"
 
 class RunDirectoryError(ValueError):
     """The directory is not a usable run directory (missing, not a run, or holding another run)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def output_digest(path: Path) -> str:

@@ -78,6 +78,9 @@ class ILPOConfig:
     drift_weight: float = 1.0
     clip_weight: float = 0.0  # weight of the CLIP class-text penalty (the paper's drift); needs a ClipAlignment
     embed_max_distance: float | None = None  # hard L2 bound ||p - p_y|| (latent_update's anchor projection)
+    # Repair mode (this project's extension): only instances whose starting utility is below this value
+    # ascend; the others keep their class prompt. None = every instance ascends (the paper's form).
+    ascend_below: float | None = None
     patience: int = 2  # evaluations without improvement before an instance stops
     min_improvement: float = 1e-4  # of the objective J
     batch_size: int = 32
@@ -237,6 +240,9 @@ def _ascend(
         utility_at_best[won] = utility.detach()[improved]
         stall[index] = torch.where(improved, 0, stall[index] + 1)
         stopping = index[stall[index] >= config.patience]
+        if evaluation == 0 and part == "prompt" and config.ascend_below is not None:
+            # Repair mode: an instance already at or above the threshold keeps its start (recorded as its best above).
+            stopping = torch.cat([stopping, index[utility.detach() >= config.ascend_below]]).unique()
         active[stopping] = False
         stopped_at[stopping.cpu()] = evaluation
         if not wants_grad or not bool(active.any()):

@@ -16,7 +16,6 @@ at 28x28 it was 3x slower per step and 76% recognised.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utilgen.generator.base import Generator
+from utilgen.io import file_sha256
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_NAME = "embedded.safetensors"
@@ -188,14 +188,6 @@ class EmbeddedGenerator(Generator):
 # ---- weights on disk -------------------------------------------------------------------------
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_weights(generator: EmbeddedGenerator, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write weights (safetensors, floats stored as ``dtype``), config (JSON) and a sha256sum-format checksum.
 
@@ -210,7 +202,7 @@ def save_weights(generator: EmbeddedGenerator, directory: str | Path, dtype: tor
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in generator.state_dict().items()}
     weights = atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_NAME, dataclasses.asdict(generator.config))
-    atomic_write_text(directory / CHECKSUM_NAME, f"{sha256_of(weights)}  {WEIGHTS_NAME}\n")
+    atomic_write_text(directory / CHECKSUM_NAME, f"{file_sha256(weights)}  {WEIGHTS_NAME}\n")
     return directory
 
 
@@ -231,7 +223,7 @@ def verify_weights(directory: str | Path) -> Path:
     if head == LFS_POINTER_PREFIX:
         raise WeightsError(f"{weights} is a git-LFS pointer, not the weights: fetch them with `git lfs pull`")
     expected = checksum.read_text().split()[0].lower() if checksum.read_text().split() else ""
-    actual = sha256_of(weights)
+    actual = file_sha256(weights)
     if actual != expected:
         raise WeightsError(f"{weights} fails its checksum (sha256 {actual}, {checksum.name} says {expected or 'nothing'}): "
                            "the file is corrupted or does not belong to this checksum; restore it from git or retrain")  # fmt: skip
