@@ -73,7 +73,8 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
     stages = _Stages(directory, cfg.run.seed)
     method = stage_configs(cfg, device, progress)
 
-    with stages.stage("splits", [cfg.data], ["splits.json"]) as needed:
+    # The run seed keys the first stage, so through the chained keys it keys every stage.
+    with stages.stage("splits", [cfg.data, cfg.run.seed], ["splits.json"]) as needed:
         if needed:
             save_splits(make_splits(data, shots_per_class=cfg.data.shots_per_class,
                                     meta_per_class=cfg.data.meta_per_class, test_per_class=cfg.data.test_per_class,
@@ -118,11 +119,7 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
 
     with stages.stage("ilpo", [cfg.ilpo], ["pools/utilgen", "ilpo.json"]) as needed:
         if needed:
-            ilpo = method.ilpo
-            if cfg.ilpo.repair_quantile is not None:  # the threshold: a quantile of D_g0's utilities under TODV
-                utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
-                threshold = float(torch.quantile(torch.tensor(utilities), cfg.ilpo.repair_quantile))
-                ilpo = dataclasses.replace(ilpo, ascend_below=threshold)
+            ilpo = ilpo_config(cfg, method, directory)
             pool, history = optimise_instances(generator, valuation, final_labels, final_seeds, ilpo)
             to_task_size(pool, real).save(directory.path / "pools/utilgen")
             atomic_write_json(directory.path / "ilpo.json", ilpo_summary(history, pool))
@@ -405,6 +402,15 @@ def replay_round(generator: Generator, config: DPOConfig, round_index: int, dire
 # ------------------------------------------------------------------------------------ ILPO, ablation
 
 
+def ilpo_config(cfg: Config, method: StageConfigs, directory: RunDirectory) -> adaptation.ILPOConfig:
+    """The ILPO config with the repair threshold resolved: a quantile of D_g0's utilities under TODV."""
+    if cfg.ilpo.repair_quantile is None:
+        return method.ilpo
+    utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
+    threshold = float(torch.quantile(torch.tensor(utilities), cfg.ilpo.repair_quantile))
+    return dataclasses.replace(method.ilpo, ascend_below=threshold)
+
+
 def ilpo_summary(history, pool: SyntheticPool) -> dict:
     """Mean utility with the class prompt, at the optimised prompt (differentiable proxy), of the final images."""
     before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
@@ -425,8 +431,9 @@ def ablation(generator: Generator, valuation: Valuation, real: Splits, cfg: Conf
     pool.save(directory.path / "pools/ablation-mlco")
     base = build_generator(cfg, real.class_names, generator.device)
     base.set_class_tokens(generator.class_tokens.clone())
-    for name, ilpo in (("ablation-prompt", dataclasses.replace(method.ilpo, noise_strategy="none")),
-                       ("ablation-noise", dataclasses.replace(method.ilpo, prompt_steps=0))):  # fmt: skip
+    ilpo_all = ilpo_config(cfg, method, directory)  # the final pool's ILPO, one part at a time
+    for name, ilpo in (("ablation-prompt", dataclasses.replace(ilpo_all, noise_strategy="none")),
+                       ("ablation-noise", dataclasses.replace(ilpo_all, prompt_steps=0))):  # fmt: skip
         pool, _ = optimise_instances(base, valuation, labels, seeds, ilpo)
         to_task_size(pool, real).save(directory.path / f"pools/{name}")
 
