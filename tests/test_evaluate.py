@@ -33,7 +33,8 @@ def _task(n_per_class: int, seed: int) -> LabelledImages:
     return LabelledImages(images, labels, CLASSES)
 
 
-CONFIG = EvaluationConfig(seeds=(0, 1), steps=80, batch_size=16, lr=0.05)
+# No augmentation: the toy classes differ by horizontal position, which a flip would swap.
+CONFIG = EvaluationConfig(seeds=(0, 1), steps=80, batch_size=16, lr=0.05, augment=False)
 
 
 def test_a_learnable_task_is_learned_and_training_is_deterministic():
@@ -62,6 +63,15 @@ def test_checkpointed_results_are_not_recomputed(tmp_path):
     results = evaluate([TrainingSet("one", _task(5, 0), "real", None)], _task(5, 1), CONFIG,
                        device=torch.device("cpu"), checkpoint=checkpoint)  # fmt: skip
     assert results["one"]["accuracies"] == [0.25, 0.75] and results["one"]["mean"] == 0.5
+
+
+def test_training_with_augmentation_is_deterministic():
+    config = EvaluationConfig(seeds=(0,), steps=10, batch_size=16, augment=True)
+    train = _task(5, 0)
+    first = train_classifier(train, config, seed=3, device=torch.device("cpu"))
+    second = train_classifier(train, config, seed=3, device=torch.device("cpu"))
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_diverging_training_stops_with_a_clear_error():
