@@ -244,3 +244,27 @@ def test_config_file_may_name_the_preset(capsys, tmp_path, monkeypatch):
     assert seen["config"].preset == "smoke" and seen["config"].mlco.rounds == 2
     status = cli.main(["--preset", "default", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")])
     assert status == 2 and "names preset 'smoke'" in capsys.readouterr().err
+
+
+def test_stable_diffusion_backend_on_an_image_folder_end_to_end(tmp_path):
+    """--generator (a tiny random SD directory, 32 px) with --data (an RGB ImageFolder at 16 px): every stage runs."""
+    pytest.importorskip("transformers")
+    from _generator_models import save_tiny_stable_diffusion
+
+    sd = save_tiny_stable_diffusion(tmp_path / "sd")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "fox"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(28):  # smoke: 4 shots + 3 meta + 20 test per class, and one to spare
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    out = tmp_path / "run"
+    command = _command("--generator", str(sd), "--data", str(tmp_path / "data"), "--set", "data.channels=3",
+                       "--out", str(out))  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(_done_stages(out)) == set(STAGES)
+    assert json.loads((out / "config.json").read_text())["generator"]["kind"] == "stable-diffusion"
+    rows = [json.loads(line) for line in (out / "pools/utilgen/metadata.jsonl").read_text().splitlines()]
+    assert {row["class_name"] for row in rows} == {"cat", "dog", "fox"}
+    image = Image.open(out / "pools/utilgen" / rows[0]["file"])
+    assert image.size == (16, 16) and image.mode == "RGB"  # generated at 32 px, stored at the task's size
