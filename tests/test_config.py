@@ -134,3 +134,12 @@ def test_valid_keys_cover_every_field():
 def test_out_of_range_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("default", overrides=[override])
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mlco:\n  lr: 5e-5\n")  # YAML 1.1 (PyYAML) reads this as the string '5e-5'
+    assert build_config("default", load_config_file(path)).mlco.lr == 5e-5
+    path.write_text("mlco:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="expected a number"):
+        build_config("default", load_config_file(path))

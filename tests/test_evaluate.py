@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from utilgen.config import EvaluationConfig
-from utilgen.data import LabelledImages
+from utilgen.data import LabelledImages, resize_images
 from utilgen.evaluate import (
     NonFiniteTrainingError,
     TrainingSet,
     augment,
     evaluate,
     joint,
-    resize_images,
     summarise,
     train_classifier,
 )
@@ -52,17 +51,22 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
     full = evaluate(settings, test, CONFIG, device=torch.device("cpu"))
     checkpoint = tmp_path / "partial.json"
     evaluate(settings[:1], test, CONFIG, device=torch.device("cpu"), checkpoint=checkpoint)  # "killed" after one
-    assert set(json.loads(checkpoint.read_text())) == {"one|0", "one|1"}
+    assert set(json.loads(checkpoint.read_text())["done"]) == {"one|0", "one|1"}
     resumed = evaluate(settings, test, CONFIG, device=torch.device("cpu"), checkpoint=checkpoint)
     assert resumed == full
 
 
-def test_checkpointed_results_are_not_recomputed(tmp_path):
+def test_checkpointed_results_count_only_under_their_key(tmp_path):
     checkpoint = tmp_path / "partial.json"
-    checkpoint.write_text(json.dumps({"one|0": 0.25, "one|1": 0.75}))
-    results = evaluate([TrainingSet("one", _task(5, 0), "real", None)], _task(5, 1), CONFIG,
-                       device=torch.device("cpu"), checkpoint=checkpoint)  # fmt: skip
-    assert results["one"]["accuracies"] == [0.25, 0.75] and results["one"]["mean"] == 0.5
+    checkpoint.write_text(json.dumps({"key": "k1", "done": {"one|0": 0.25, "one|1": 0.75}}))
+    setting = [TrainingSet("one", _task(5, 0), "real", None)]
+    results = evaluate(setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint,
+                       checkpoint_key="k1")  # fmt: skip
+    assert results["one"]["accuracies"] == [0.25, 0.75] and results["one"]["mean"] == 0.5  # not recomputed
+    other = evaluate(setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint,
+                     checkpoint_key="k2")  # another config: the saved numbers must not leak in
+    assert other["one"]["accuracies"] != [0.25, 0.75]
+    assert json.loads(checkpoint.read_text())["key"] == "k2"
 
 
 def test_training_with_augmentation_is_deterministic():

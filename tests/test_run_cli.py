@@ -202,6 +202,36 @@ def test_an_existing_run_directory_is_not_overwritten(capsys, tmp_path):
     assert status == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
 
 
+def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "manifest.json").write_text('{"format": "utilgen.run/1", "stages": {}}')
+    status, err = _main(capsys, "--out", str(out), "--set", "mlco.rounds=2")
+    assert status == 2 and "--resume" in err and (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "evaluation.classifier=vgg"], "evaluation.classifier='vgg' is not a classifier"),
+        (["--set", "run.threads=0"], "run.threads must be >= 1"),
+        (["--set", "tokens.lr=0"], "tokens.lr > 0"),
+        (["--set", "data.channels=3"], "the embedded Fashion-MNIST data is grayscale"),
+    ],
+)
+def test_checks_that_would_otherwise_fail_mid_run(capsys, tmp_path, args, message):
+    status, err = _main(capsys, "--out", str(tmp_path / "run"), *args)
+    assert status == 2 and message in err and not (tmp_path / "run").exists()
+
+
+def test_image_folder_the_embedded_generator_cannot_make(capsys, tmp_path):
+    root = _image_folder(tmp_path / "data", classes=3)
+    status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
+    assert status == 2 and "Fashion-MNIST's 10 classes" in err and "--generator PATH" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_exit_status_2_from_the_real_entry_point(tmp_path):
     result = subprocess.run(_command("--set", "mlco.rounds=-1", "--out", str(tmp_path / "run")), capture_output=True,
                             text=True, timeout=120, env=ENV)  # fmt: skip
@@ -238,7 +268,7 @@ def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path
 
 def test_config_file_may_name_the_preset(capsys, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "execute", lambda config, directory, quiet: seen.setdefault("config", config) and 0)
+    monkeypatch.setattr(cli, "execute", lambda config, directory, **_: seen.setdefault("config", config) and 0)
     (tmp_path / "run.yaml").write_text("preset: smoke\nmlco:\n  rounds: 2\n")
     assert cli.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
     assert seen["config"].preset == "smoke" and seen["config"].mlco.rounds == 2

@@ -78,6 +78,10 @@ class TokensConfig:
     lr: float = 5e-3
     batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0 and self.batch_size >= 1 and self.lr > 0,
+                 "tokens.steps must be >= 0, tokens.batch_size >= 1 and tokens.lr > 0")
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -174,6 +178,9 @@ class RunSettings:
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        _require(self.threads is None or self.threads >= 1, f"run.threads must be >= 1 or none, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -407,6 +414,11 @@ def coerce(value: Any, expected: Any) -> Any:
     elif expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 5e-5, without a dot, as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif expected is str:
         if isinstance(value, str):
             return value

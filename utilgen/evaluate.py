@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from utilgen.config import EvaluationConfig
-from utilgen.data import LabelledImages
+from utilgen.data import LabelledImages, resize_images
 from utilgen.io import atomic_write_json
 from utilgen.models import build_classifier
 
@@ -53,13 +53,6 @@ def joint(real: LabelledImages, synthetic: LabelledImages) -> LabelledImages:
     images = resize_images(synthetic.images, real.images.shape[-1])
     labels = torch.cat([real.labels, synthetic.labels])
     return LabelledImages(torch.cat([real.images, images]), labels, real.class_names)
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, size, size), antialiased bilinear (generators may render larger than the task)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -121,15 +114,19 @@ def summarise(accuracies: list[float]) -> dict:
 
 
 def evaluate(settings: list[TrainingSet], test: LabelledImages, config: EvaluationConfig, *, device: torch.device,
-             checkpoint: str | os.PathLike | None = None, progress: bool = False) -> dict:  # fmt: skip
+             checkpoint: str | os.PathLike | None = None, checkpoint_key: str = "",
+             progress: bool = False) -> dict:  # fmt: skip
     """{setting name: {train_set, pool, train_size, accuracies (one per seed), mean, std}}, in ``settings`` order.
 
     ``checkpoint``: a JSON file of finished (setting, seed) accuracies, read first and
-    rewritten (atomically) after every classifier.
+    rewritten (atomically) after every classifier. Its results count only under the same
+    ``checkpoint_key`` (the run's stage key: the config and inputs they were computed from).
     """
     done: dict[str, float] = {}
     if checkpoint is not None and Path(checkpoint).exists():
-        done = json.loads(Path(checkpoint).read_text())
+        saved = json.loads(Path(checkpoint).read_text())
+        if saved.get("key") == checkpoint_key:
+            done = saved["done"]
     results = {}
     jobs = [(setting, seed) for setting in settings for seed in config.seeds]
     bar = tqdm(total=len(jobs), desc="evaluation", unit="classifier", disable=not progress)
@@ -140,7 +137,7 @@ def evaluate(settings: list[TrainingSet], test: LabelledImages, config: Evaluati
             done[job] = test_accuracy(model, test, device)
             log.info("%s, seed %d: test accuracy %.4f", setting.name, seed, done[job])
             if checkpoint is not None:
-                atomic_write_json(checkpoint, done)
+                atomic_write_json(checkpoint, {"key": checkpoint_key, "done": done})
         bar.update(1)
     bar.close()
     for setting in settings:

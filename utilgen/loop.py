@@ -46,9 +46,9 @@ from utilgen.adaptation import (
 )
 from utilgen.adaptation.mlco import prepare_round
 from utilgen.config import Config
-from utilgen.data import LabelledImages, SyntheticPool, Splits, load_split_indices, make_splits, save_splits
-from utilgen.data import splits_from_indices
-from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate, joint, resize_images
+from utilgen.data import LabelledImages, SyntheticPool, Splits, load_split_indices, make_splits, resize_images
+from utilgen.data import save_splits, splits_from_indices
+from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate, joint
 from utilgen.generator import Generator
 from utilgen.io import atomic_write_bytes, atomic_write_json
 from utilgen.rundir import RunDirectory, stage_key
@@ -85,6 +85,9 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
     with stages.stage("tokens", [cfg.generator, cfg.tokens], ["tokens.safetensors"]) as needed:
         if needed:
             tokens = learn_tokens(generator, real.train, cfg, progress)
+            if not bool(torch.isfinite(tokens).all()):
+                raise StageError(f"textual inversion diverged: the class tokens hold NaN/inf after {cfg.tokens.steps} "
+                                 "steps. Lower tokens.lr and resume: --resume DIR --set tokens.lr=...")  # fmt: skip
             atomic_write_bytes(directory.path / "tokens.safetensors", _tensor_bytes({"class_tokens": tokens}))
     generator.set_class_tokens(load_file(directory.path / "tokens.safetensors")["class_tokens"].to(generator.device))
 
@@ -105,21 +108,24 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
         if needed:
             valuation = fit_or_stop(real, pool0, method.valuation, directory.path / "valuation")
             save_valuation(valuation, pool0, directory.path / "valuation")
-    valuation = Valuation.load(directory.path / "valuation", device=device)
+    valuation_dir = directory.path / "valuation"  # the valuation ILPO climbs: TODV's, or the last refreshed one
+    valuation = Valuation.load(valuation_dir, device=device)
 
     for round_index in range(1, cfg.mlco.rounds + 1):
         name = f"mlco-{round_index}"
-        with stages.stage(name, [cfg.mlco], [f"mlco/round-{round_index}", f"pools/{name}"]) as needed:
+        round_settings = _without(dataclasses.asdict(cfg.mlco), "rounds")  # round r does not depend on the count
+        with stages.stage(name, [round_settings], [f"mlco/round-{round_index}", f"pools/{name}"]) as needed:
             if needed:
                 mlco_round(generator, valuation, real, cfg, method, round_index, directory)
             else:
                 replay_round(generator, method.dpo, round_index, directory)
         if cfg.mlco.refresh_valuation and (directory.path / f"mlco/round-{round_index}/valuation").exists():
-            valuation = Valuation.load(directory.path / f"mlco/round-{round_index}/valuation", device=device)
+            valuation_dir = directory.path / f"mlco/round-{round_index}/valuation"
+            valuation = Valuation.load(valuation_dir, device=device)
 
     with stages.stage("ilpo", [cfg.ilpo], ["pools/utilgen", "ilpo.json"]) as needed:
         if needed:
-            ilpo = ilpo_config(cfg, method, directory)
+            ilpo = ilpo_config(cfg, method, valuation_dir)
             pool, history = optimise_instances(generator, valuation, final_labels, final_seeds, ilpo)
             to_task_size(pool, real).save(directory.path / "pools/utilgen")
             atomic_write_json(directory.path / "ilpo.json", ilpo_summary(history, pool))
@@ -130,14 +136,14 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
         names = ["ablation-mlco", "ablation-prompt", "ablation-noise"]
         with stages.stage("ablation", [cfg.evaluation.ablation], [f"pools/{n}" for n in names]) as needed:
             if needed:
-                ablation(generator, valuation, real, cfg, method, final_labels, final_seeds, directory)
+                ablation(generator, valuation, valuation_dir, real, cfg, method, final_labels, final_seeds, directory)
         ablation_pools = {n: load_pool(directory, n) for n in names}
 
     settings = evaluation_settings(real, plain, utilgen_pool, ablation_pools)
     with stages.stage("evaluate", [cfg.evaluation], ["evaluation.json"]) as needed:
         if needed:
             checkpoint = directory.path / "evaluation.partial.json"
-            results = evaluate_or_stop(settings, real.test, cfg, device, checkpoint, progress)
+            results = evaluate_or_stop(settings, real.test, cfg, device, checkpoint, stages.key, progress)
             atomic_write_json(directory.path / "evaluation.json", results)
             checkpoint.unlink(missing_ok=True)
     order = [setting.name for setting in settings]  # the JSON files sort their keys; the tables read in this order
@@ -172,14 +178,16 @@ class _Stages:
 
     def __init__(self, directory: RunDirectory, seed: int):
         self.directory, self.seed, self.key = directory, seed, "start"
+        self.rerun = False  # once a stage runs, every later one does: its inputs may have changed
 
     @contextlib.contextmanager
     def stage(self, name: str, settings: list, outputs: list[str]) -> Iterator[bool]:
         self.key = stage_key(self.key, [_plain(s) for s in settings])
-        if self.directory.is_done(name, self.key):
+        if not self.rerun and self.directory.is_done(name, self.key):
             log.info("stage %s: done earlier, reusing its outputs", name)
             yield False
             return
+        self.rerun = True
         self.directory.clear(outputs)
         torch.manual_seed(_stage_seed(self.seed, name))
         log.info("stage %s: running", name)
@@ -229,7 +237,31 @@ def stage_configs(cfg: Config, device: torch.device, progress: bool) -> StageCon
             built[section] = build()
         except (ValueError, TypeError) as error:
             raise config_module.ConfigError(f"[{section}]: {error}") from None
+    from utilgen.models.classifier import CLASSIFIERS
+
+    for key, name in (("valuation.classifier", cfg.valuation.classifier), ("evaluation.classifier",
+                                                                          cfg.evaluation.classifier)):  # fmt: skip
+        if name not in CLASSIFIERS:
+            raise config_module.ConfigError(f"{key}={name!r} is not a classifier; choose one of "
+                                            f"{', '.join(CLASSIFIERS)}")  # fmt: skip
     return StageConfigs(valuation=built["valuation"], dpo=built["mlco"], ilpo=built["ilpo"])
+
+
+def check_generator_fits_data(cfg: Config, data: LabelledImages) -> None:
+    """The generator can make the task's images: the embedded one knows 10 gray classes, Stable Diffusion paints RGB."""
+    channels = data.images.shape[1]
+    if cfg.generator.kind == "embedded":
+        from utilgen.generator.embedded import EmbeddedConfig
+
+        embedded = EmbeddedConfig()
+        if len(data.class_names) != embedded.num_classes or channels != embedded.channels:
+            raise config_module.ConfigError(
+                f"the embedded generator makes {embedded.channels}-channel images of Fashion-MNIST's "
+                f"{embedded.num_classes} classes; the data has {len(data.class_names)} classes with {channels} "
+                "channel(s). Use --generator PATH (a Stable Diffusion directory) for other datasets")  # fmt: skip
+    elif channels != 3:
+        raise config_module.ConfigError(f"Stable Diffusion makes RGB images; the data is read with {channels} "
+                                        "channel(s): set data.channels=3 (or use --preset sd21)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ data and generator
@@ -253,6 +285,9 @@ def load_task_data(cfg: Config) -> LabelledImages:
     from utilgen.data import load_embedded, load_image_folder
 
     if cfg.data.source == "embedded":
+        if cfg.data.channels != 1:
+            raise config_module.ConfigError("the embedded Fashion-MNIST data is grayscale: data.channels must be 1 "
+                                            "(give --data PATH for an RGB ImageFolder)")  # fmt: skip
         return load_embedded(cfg.data.image_size)
     data, report = load_image_folder(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels)
     log.info("ImageFolder %s: %s", cfg.data.source, report.counts)
@@ -263,12 +298,7 @@ def build_generator(cfg: Config, class_names: tuple[str, ...], device: torch.dev
     if cfg.generator.kind == "embedded":
         from utilgen.generator import load_pretrained
 
-        generator = load_pretrained(device)
-        if generator.num_classes != len(class_names):
-            raise config_module.ConfigError(
-                f"the embedded generator knows {generator.num_classes} classes, the data has {len(class_names)}; "
-                "use --generator PATH (a Stable Diffusion directory) for other datasets")  # fmt: skip
-        return generator
+        return load_pretrained(device)
     from utilgen.generator.stable_diffusion import StableDiffusionGenerator
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.generator.dtype]
@@ -382,12 +412,13 @@ def mlco_round(generator: Generator, valuation: Valuation, real: Splits, cfg: Co
         adaptation.save_adapters(generator.denoiser, out / "adapters.safetensors")
         summary.update(implicit_accuracy_before=before.implicit_acc, implicit_accuracy_after=after.implicit_acc,
                        steps=result.steps_done, history=dataclasses.asdict(result.history))  # fmt: skip
+    candidates = to_task_size(candidates, real)
     if cfg.mlco.refresh_valuation:
         refreshed = fit_or_stop(real, candidates, method.valuation, out / "valuation")
         save_valuation(refreshed, candidates, out / "valuation")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "round.json", summary)
-    to_task_size(candidates, real).save(directory.path / f"pools/mlco-{round_index}")
+    candidates.save(directory.path / f"pools/mlco-{round_index}")
 
 
 def replay_round(generator: Generator, config: DPOConfig, round_index: int, directory: RunDirectory) -> None:
@@ -402,11 +433,12 @@ def replay_round(generator: Generator, config: DPOConfig, round_index: int, dire
 # ------------------------------------------------------------------------------------ ILPO, ablation
 
 
-def ilpo_config(cfg: Config, method: StageConfigs, directory: RunDirectory) -> adaptation.ILPOConfig:
-    """The ILPO config with the repair threshold resolved: a quantile of D_g0's utilities under TODV."""
+def ilpo_config(cfg: Config, method: StageConfigs, valuation_dir: Path) -> adaptation.ILPOConfig:
+    """The ILPO config with the repair threshold resolved: a quantile of the utilities of the pool that
+    the valuation in ``valuation_dir`` was fitted on (D_g0, or a refresh round's candidates)."""
     if cfg.ilpo.repair_quantile is None:
         return method.ilpo
-    utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
+    utilities = json.loads((valuation_dir / "history.json").read_text())["pool_utilities"]
     threshold = float(torch.quantile(torch.tensor(utilities), cfg.ilpo.repair_quantile))
     return dataclasses.replace(method.ilpo, ascend_below=threshold)
 
@@ -416,7 +448,8 @@ def ilpo_summary(history, pool: SyntheticPool) -> dict:
     before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
     after = torch.cat([h.utility_after for h in history.prompt]) if history.prompt else torch.empty(0)
     # No wall times here (the manifest has the stage's): this file is a result, equal across resumed runs.
-    return {"utility_before": _mean(before), "utility_after_prompt": _mean(after), "utility_after": _mean(pool.utilities)}
+    return {"utility_before": _mean(before), "utility_after_prompt": _mean(after),
+            "utility_after": _mean(pool.utilities)}  # fmt: skip
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -424,14 +457,15 @@ def _mean(values: torch.Tensor) -> float | None:
     return float(finite.mean()) if finite.numel() else None
 
 
-def ablation(generator: Generator, valuation: Valuation, real: Splits, cfg: Config, method: StageConfigs,
-             labels: torch.Tensor, seeds: torch.Tensor, directory: RunDirectory) -> None:  # fmt: skip
+def ablation(generator: Generator, valuation: Valuation, valuation_dir: Path, real: Splits, cfg: Config,
+             method: StageConfigs, labels: torch.Tensor, seeds: torch.Tensor,
+             directory: RunDirectory) -> None:  # fmt: skip
     """+MLCO (class prompts, tuned generator), +prompt and +noise (ILPO parts, generator without MLCO)."""
     pool = generate_plain(generator, labels, seeds, cfg, real, stage="ablation", progress=method.ilpo.progress)
     pool.save(directory.path / "pools/ablation-mlco")
     base = build_generator(cfg, real.class_names, generator.device)
     base.set_class_tokens(generator.class_tokens.clone())
-    ilpo_all = ilpo_config(cfg, method, directory)  # the final pool's ILPO, one part at a time
+    ilpo_all = ilpo_config(cfg, method, valuation_dir)  # the final pool's ILPO, one part at a time
     for name, ilpo in (("ablation-prompt", dataclasses.replace(ilpo_all, noise_strategy="none")),
                        ("ablation-noise", dataclasses.replace(ilpo_all, prompt_steps=0))):  # fmt: skip
         pool, _ = optimise_instances(base, valuation, labels, seeds, ilpo)
@@ -454,9 +488,10 @@ def evaluation_settings(real: Splits, plain: SyntheticPool, utilgen_pool: Synthe
     return settings
 
 
-def evaluate_or_stop(settings, test, cfg: Config, device, checkpoint: Path, progress: bool) -> dict:
+def evaluate_or_stop(settings, test, cfg: Config, device, checkpoint: Path, key: str, progress: bool) -> dict:
     try:
-        return evaluate(settings, test, cfg.evaluation, device=device, checkpoint=checkpoint, progress=progress)
+        return evaluate(settings, test, cfg.evaluation, device=device, checkpoint=checkpoint, checkpoint_key=key,
+                        progress=progress)  # fmt: skip
     except NonFiniteTrainingError as error:
         raise StageError(f"{error}; the classifiers finished so far are kept in {checkpoint}") from error
 

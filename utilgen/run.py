@@ -57,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.info:
         return print_info(args.json)
-    from utilgen.config import ConfigError
-
     if args.list_keys:
         return list_keys()
+    from utilgen.config import ConfigError
+
     try:
-        config, directory = resolve(args)
-    except (ConfigError, ValueError, OSError) as error:
-        return bad_input(error)
-    configure_logging(args, directory)
-    return execute(config, directory, quiet=args.quiet)
+        try:
+            config, directory = resolve(args)
+        except (ConfigError, ValueError, OSError) as error:
+            return bad_input(error)
+        configure_logging(args)
+        return execute(config, directory, resuming=args.resume is not None, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("\nutilgen: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 # ---------------------------------------------------------------------------------- config
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve(args: argparse.Namespace):
     """The config and run directory path, every input checked before anything is written."""
-    from utilgen.config import ConfigError, build_config, load_config_file
+    from utilgen.config import ConfigError, build_config, config_from_dict, load_config_file
     from utilgen.rundir import RunDirectory
 
     if args.resume:
@@ -83,6 +87,7 @@ def resolve(args: argparse.Namespace):
                 raise ConfigError(f"--resume continues a run with its saved config; --{option} cannot change it "
                                   "(--set and --device may adjust stages not yet done)")  # fmt: skip
         saved = RunDirectory.open(args.resume).read_config()
+        config_from_dict(saved)  # the saved config itself is checked (errors name config.json)
         preset = saved.pop("preset", "default")
         overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
         return build_config(preset, saved, overrides), Path(args.resume)
@@ -92,10 +97,11 @@ def resolve(args: argparse.Namespace):
         shortcuts.append(f"run.seed={args.seed}")
     if args.device:
         shortcuts.append(f"run.device={args.device}")
+    # Absolute paths: a run resumed from another working directory still finds its inputs.
     if args.generator:
-        shortcuts += ["generator.kind=stable-diffusion", f"generator.path={args.generator}"]
+        shortcuts += ["generator.kind=stable-diffusion", f"generator.path={Path(args.generator).absolute()}"]
     if args.data:
-        shortcuts.append(f"data.source={args.data}")
+        shortcuts.append(f"data.source={Path(args.data).absolute()}")
     preset = args.preset or (file_values or {}).get("preset") or "default"
     config = build_config(preset, file_values, shortcuts + list(args.overrides))
     if config.generator.kind == "stable-diffusion" and not config.generator.path:
@@ -107,15 +113,13 @@ def resolve(args: argparse.Namespace):
 
 
 def list_keys() -> int:
-    import dataclasses
-
     from utilgen.config import Config
 
-    for section in dataclasses.fields(Config):
-        if section.name == "preset":
-            continue
-        for field in dataclasses.fields(getattr(Config(), section.name)):
-            print(f"{section.name}.{field.name} = {getattr(getattr(Config(), section.name), field.name)!r}")
+    defaults = Config().to_dict()
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                print(f"{section}.{key} = {value!r}")
     return 0
 
 
@@ -124,7 +128,7 @@ def bad_input(error: BaseException) -> int:
     return EXIT_BAD_INPUT
 
 
-def configure_logging(args: argparse.Namespace, directory: Path) -> None:
+def configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -132,39 +136,19 @@ def configure_logging(args: argparse.Namespace, directory: Path) -> None:
 # ---------------------------------------------------------------------------------- the run
 
 
-def execute(config, directory: Path, *, quiet: bool) -> int:
+def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ENVIRONMENT.md: busy-waiting OpenMP threads cost 10-30x
     from utilgen.config import ConfigError
 
     try:
-        import torch
-
         from utilgen import loop
-        from utilgen.rundir import RunDirectory, RunDirectoryError, free_bytes
+        from utilgen.rundir import RunDirectory, RunDirectoryError
 
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
-        device = loop.resolve_device(config.run.device)
-        loop.stage_configs(config, device, progress=False)  # every stage's values checked now, not an hour in
-        if config.generator.kind == "stable-diffusion":
-            from utilgen.generator.stable_diffusion import check_directory
-
-            check_directory(config.generator.path)
-        data = loop.load_task_data(config)
-        from utilgen.data import make_splits
-
-        make_splits(data, shots_per_class=config.data.shots_per_class, meta_per_class=config.data.meta_per_class,
-                    test_per_class=config.data.test_per_class, seed=config.data.split_seed)  # fmt: skip
-        needed = loop.planned_bytes(config, len(data.class_names), data.images.shape[1], data.images.shape[-1])
-        available = free_bytes(directory)
-        if available < needed:
-            raise ConfigError(f"not enough disk space for the run in {directory}: it plans to write about "
-                              f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free")  # fmt: skip
-        resuming = (directory / "manifest.json").exists()
+        device, data = preflight(config, directory, resuming)
         run_dir = RunDirectory.open(directory) if resuming else RunDirectory.create(directory, config.to_dict())
         run_dir.write_config(config.to_dict())
-    except (ConfigError, ValueError, OSError, RunDirectoryError) as error:  # ConfigError, ImageFolderError: ValueErrors
-        return bad_input(error)
+    except (ConfigError, ValueError, OSError, RuntimeError, ImportError, RunDirectoryError) as error:
+        return bad_input(error)  # ConfigError, ImageFolderError, the SD directory check: nothing written yet
     file_log = logging.FileHandler(run_dir.path / "run.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
@@ -181,8 +165,52 @@ def execute(config, directory: Path, *, quiet: bool) -> int:
     except KeyboardInterrupt:
         print(f"\nutilgen: interrupted; continue with: python -m utilgen.run --resume {run_dir.path}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ConfigError, ValueError) as error:  # a check that only a stage could make; the finished stages are kept
+        return bad_input(error)
     print_summary(metrics, run_dir.path)
     return 0
+
+
+def preflight(config, directory: Path, resuming: bool):
+    """Every check that needs no output: devices, stage values, generator files, the data, splits, disk space.
+
+    Returns (device, data). Raises ConfigError / ValueError / OSError / ImportError / RuntimeError.
+    """
+    import torch
+
+    from utilgen import loop
+    from utilgen.config import ConfigError
+    from utilgen.data import load_split_indices, make_splits, splits_from_indices
+    from utilgen.rundir import free_bytes
+
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device = loop.resolve_device(config.run.device)
+    loop.stage_configs(config, device, progress=False)  # every stage's values checked now, not an hour in
+    if config.generator.kind == "stable-diffusion":
+        from utilgen.generator.attention import resolve_attention
+        from utilgen.generator.stable_diffusion import check_directory
+
+        check_directory(config.generator.path)
+        import diffusers  # noqa: F401  (ImportError: the message names the package)
+        import transformers  # noqa: F401
+
+        resolve_attention(config.generator.attention, device)
+        if device.type == "cpu" and config.generator.dtype != "float32":
+            log.warning("generator.dtype=%s on the CPU is slow or unsupported; --set generator.dtype=float32",
+                        config.generator.dtype)  # fmt: skip
+    data = loop.load_task_data(config)
+    loop.check_generator_fits_data(config, data)
+    make_splits(data, shots_per_class=config.data.shots_per_class, meta_per_class=config.data.meta_per_class,
+                test_per_class=config.data.test_per_class, seed=config.data.split_seed)  # fmt: skip
+    if resuming and (directory / "splits.json").exists():  # the data must still be the data the run split
+        splits_from_indices(data, load_split_indices(directory / "splits.json"))
+    needed = loop.planned_bytes(config, len(data.class_names), data.images.shape[1], data.images.shape[-1])
+    available = free_bytes(directory)
+    if available < needed:
+        raise ConfigError(f"not enough disk space for the run in {directory}: it plans to write about "
+                          f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free")  # fmt: skip
+    return device, data
 
 
 def print_summary(metrics: dict, path: Path) -> None:

@@ -18,7 +18,7 @@ from utilgen.data.fashion_mnist import (
     load_embedded,
 )
 from utilgen.data.image_folder import ImageFolderError, ImageFolderReport, load_image_folder
-from utilgen.data.images import LabelledImages, resize_uint8
+from utilgen.data.images import LabelledImages, resize_images, resize_uint8
 from utilgen.data.pool import SyntheticPool, SyntheticPoolError
 from utilgen.data.splits import Splits, load_split_indices, make_splits, save_splits, splits_from_indices
 
@@ -37,6 +37,7 @@ __all__ = [
     "load_image_folder",
     "load_split_indices",
     "make_splits",
+    "resize_images",
     "resize_uint8",
     "save_splits",
     "splits_from_indices",

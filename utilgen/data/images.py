@@ -47,6 +47,16 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, C, size, size), antialiased bilinear (generators may render larger)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    import torch.nn.functional as F
+
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.clamp(0, 1)
+
+
 def uint8_to_tensor(images: np.ndarray) -> Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
     if images.ndim == 3:

@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from utilgen.data.images import resize_images
 from utilgen.io import atomic_write_bytes, atomic_write_json
 from utilgen.models import WeightNet, build_classifier, per_sample_features
 
@@ -68,9 +69,8 @@ class Valuation:
         Images of another size (a generator rendering at 512 px for a 224 px task) are resized
         first, antialiased bilinear, the way the task's data was.
         """
-        if images.dim() == 4 and images.shape[1] == self.image_shape[0] and tuple(images.shape[2:]) != self.image_shape[1:]:
-            images = F.interpolate(images.float(), size=self.image_shape[1:], mode="bilinear", antialias=True,
-                                   align_corners=False).clamp(0, 1)  # fmt: skip
+        if images.dim() == 4 and images.shape[1] == self.image_shape[0] and self.image_shape[1] == self.image_shape[2]:
+            images = resize_images(images, self.image_shape[1])
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
