@@ -35,9 +35,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -233,7 +231,7 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
                                              [MLCO_SEED + 100_000 * r + i for i in range(n * k)],
                                              guidance_scale=guidance, steps=steps)  # fmt: skip
             pairs = pairs_from_pool(candidates, pairs_per_class=mlco.get("pairs", 4), min_gap=mlco.get("min_gap", 0.05))
-            result = train_dpo_round(generator, pairs, config, round_index=r)
+            train_dpo_round(generator, pairs, config, round_index=r)
             after = evaluate_pairs(generator, pairs, beta=config.beta)
             report["mlco"].append({"pairs": len(pairs), "implicit_accuracy_after": round(after.implicit_acc, 3),
                                    "candidate_mean_utility": round(float(candidates.utilities.mean()), 4)})  # fmt: skip
