@@ -22,7 +22,6 @@ import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from utilgen.adaptation import (  # noqa: E402
     DPOConfig,
@@ -37,29 +36,16 @@ from utilgen.adaptation import (  # noqa: E402
 from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
 from utilgen.generator import load_pretrained  # noqa: E402
 from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.models import build_classifier  # noqa: E402
+from utilgen.config import EvaluationConfig  # noqa: E402
+from utilgen.evaluate import test_accuracy, train_classifier  # noqa: E402
 from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
 
 
 def train_and_test(train: LabelledImages, test: LabelledImages, seed: int, steps: int) -> float:
-    """Test accuracy of a fresh cnn-small trained on ``train`` alone (SGD, cosine, light augmentation-free)."""
-    torch.manual_seed(seed)
-    model = build_classifier("cnn-small", num_classes=len(train.class_names), in_channels=train.images.shape[1],
-                             image_size=train.images.shape[-1])  # fmt: skip
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(train.labels), (64,), generator=generator)
-        loss = F.cross_entropy(model(train.images[batch]), train.labels[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    model.eval()
-    with torch.no_grad():
-        return float((model(test.images).argmax(1) == test.labels).float().mean())
+    """Test accuracy of a fresh cnn-small trained on ``train`` alone: the run's evaluation recipe, no augmentation."""
+    config = EvaluationConfig(classifier="cnn-small", seeds=(seed,), steps=steps, batch_size=64, lr=0.05, augment=False)
+    model = train_classifier(train, config, seed=seed, device=torch.device("cpu"))
+    return test_accuracy(model, test, torch.device("cpu"))
 
 
 def mlco_round(generator, valuation) -> dict:
