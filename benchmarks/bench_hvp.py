@@ -15,6 +15,7 @@ layers (floors 1.33 and 1.25).
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import registry
@@ -27,8 +28,8 @@ from utilgen.ops import HVP_METHODS, hvp
 
 PROVIDERS = ("eager", *(f"hvp_{method}" for method in HVP_METHODS))
 MODELS = {
-    "mlp-12.6M": dict(widths=(1024, 2048, 2048, 2048, 1024), classes=10, batch=8),
-    "mlp-16.8M": dict(widths=(1024, 2048, 2048, 2048, 2048, 1024), classes=10, batch=8),
+    "mlp-12.6M": {"widths": (1024, 2048, 2048, 2048, 1024), "classes": 10, "batch": 8},
+    "mlp-16.8M": {"widths": (1024, 2048, 2048, 2048, 2048, 1024), "classes": 10, "batch": 8},
 }
 
 
@@ -36,7 +37,7 @@ def _setup(spec):
     torch.manual_seed(0)
     widths = spec["widths"]
     layers = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+    for fan_in, fan_out in itertools.pairwise(widths):
         layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], spec["classes"])).to(registry.DEVICE)
     inputs = torch.randn(spec["batch"], widths[0], device=registry.DEVICE)
@@ -57,7 +58,7 @@ def _callable(provider, loss_fn, params, v):
     return lambda: hvp(loss_fn, params, v, method=method)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gradient_peak(model_name):
     loss_fn, params, v = _setup(MODELS[model_name])
     fn = _callable("eager", loss_fn, params, v)

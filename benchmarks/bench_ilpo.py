@@ -69,8 +69,9 @@ class Batched:
         self.state, self.backend = LatentUpdateState.zeros_like(None, prompts), backend
 
     def step(self, prompts: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
-        latent_update(None, None, prompts, grad, self.state, embed_lr=LR, maximize=True, active=active,
-                      backend=self.backend)  # fmt: skip
+        latent_update(
+            None, None, prompts, grad, self.state, embed_lr=LR, maximize=True, active=active, backend=self.backend
+        )
 
 
 def _updater(provider: str, prompts: torch.Tensor):
@@ -105,8 +106,11 @@ def test_ilpo_prompt_step(benchmark, provider, shape):
     timed = registry.synced(step)
     timed()
     benchmark.group = f"ilpo prompt step N{n} embedded {gen.image_size}x{gen.image_size} ddim{STEPS} cfg"
-    registry.record(benchmark, provider=provider, shape={**shape, "L": gen.prompt_shape[0], "D": gen.prompt_shape[1],
-                                                         "steps": STEPS, "grad_steps": 1})  # fmt: skip
+    registry.record(
+        benchmark,
+        provider=provider,
+        shape={**shape, "L": gen.prompt_shape[0], "D": gen.prompt_shape[1], "steps": STEPS, "grad_steps": 1},
+    )
     benchmark.extra_info["weights"] = weights
     benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=0)
     benchmark.extra_info["ms_per_instance"] = round(1e3 * benchmark.stats.stats.median / n, 2)

@@ -88,9 +88,25 @@ def _per_sample_adam_loop(noise, noise_grad, embed, embed_grad):
 
 def _utilgen_args(noise, noise_grad, embed, embed_grad):
     state = LatentUpdateState.zeros_like(noise, embed)
-    return _prepare(noise, noise_grad, embed, embed_grad, state, optimizer="adam", noise_lr=NOISE_LR,
-                    embed_lr=EMBED_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    maximize=False, active=None, project_noise=True, embed_anchor=None, embed_max_distance=None)
+    return _prepare(
+        noise,
+        noise_grad,
+        embed,
+        embed_grad,
+        state,
+        optimizer="adam",
+        noise_lr=NOISE_LR,
+        embed_lr=EMBED_LR,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        maximize=False,
+        active=None,
+        project_noise=True,
+        embed_anchor=None,
+        embed_max_distance=None,
+    )
 
 
 def _make_step(provider: str, shape: dict):
@@ -104,8 +120,17 @@ def _make_step(provider: str, shape: dict):
         impl = _reference_impl if provider == "reference" else torch.compile(_reference_impl, dynamic=False)
         return lambda: impl(**args)
     state = LatentUpdateState.zeros_like(noise, embed)
-    return lambda: latent_update(noise, noise_grad, embed, embed_grad, state, noise_lr=NOISE_LR, embed_lr=EMBED_LR,
-                                 project_noise=True, backend=provider)
+    return lambda: latent_update(
+        noise,
+        noise_grad,
+        embed,
+        embed_grad,
+        state,
+        noise_lr=NOISE_LR,
+        embed_lr=EMBED_LR,
+        project_noise=True,
+        backend=provider,
+    )
 
 
 def _skip_reason(provider: str) -> str:
@@ -124,7 +149,12 @@ def test_latent_update(benchmark, provider, shape):
     step = registry.synced(_make_step(provider, shape))
     step()  # warm-up: lazy state allocation, torch.compile's compilation
     elements = shape["N"] * (shape["C"] * shape["H"] * shape["W"] + shape["L"] * shape["D"])
-    registry.record(benchmark, provider=provider, shape=shape, bytes_moved=elements * BYTES_PER_ELEMENT,
-                    peak_bytes=registry.peak_memory_bytes(step))
+    registry.record(
+        benchmark,
+        provider=provider,
+        shape=shape,
+        bytes_moved=elements * BYTES_PER_ELEMENT,
+        peak_bytes=registry.peak_memory_bytes(step),
+    )
     rounds = 30 if shape["N"] <= 16 else 8  # the per-sample loop at N=256 takes ~0.1-0.3 s a step
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)

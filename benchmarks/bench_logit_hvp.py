@@ -17,7 +17,7 @@ from utilgen.ops.logit_hvp import SUPPORT
 PROVIDERS = ("eager", "compile", *registry.KERNEL_PROVIDERS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_reference():
     return torch.compile(logit_hvp_reference, dynamic=False)
 

@@ -75,9 +75,13 @@ def _step(provider, generator, params, optimizer, x0_w, x0_l, prompts, t, eps):
 def _inputs(shape: dict, prompt_shape: tuple[int, int], device: str, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
     b, latent = shape["pairs"], (shape["C"], shape["H"], shape["W"])
-    tensors = (torch.rand(b, *latent, generator=g) * 2 - 1, torch.rand(b, *latent, generator=g) * 2 - 1,
-               torch.randn(b, *prompt_shape, generator=g), torch.randint(0, 1000, (b,), generator=g),
-               torch.randn(b, *latent, generator=g))  # fmt: skip
+    tensors = (
+        torch.rand(b, *latent, generator=g) * 2 - 1,
+        torch.rand(b, *latent, generator=g) * 2 - 1,
+        torch.randn(b, *prompt_shape, generator=g),
+        torch.randint(0, 1000, (b,), generator=g),
+        torch.randn(b, *latent, generator=g),
+    )
     return [x.to(device) if x.dtype == torch.long else x.to(device, dtype) for x in tensors]
 
 

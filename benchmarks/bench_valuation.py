@@ -25,8 +25,22 @@ from utilgen.valuation.strategies import Lookahead, meta_gradient
 from utilgen.valuation.trainer import lookahead_model_fn
 
 MODELS = {
-    "cnn-small 16x16x1 K10": dict(name="cnn-small", image=16, channels=1, classes=10, batch=128, meta_batch=128),
-    "resnet50 224x224x3 K100": dict(name="resnet50", image=224, channels=3, classes=100, batch=128, meta_batch=128),
+    "cnn-small 16x16x1 K10": {
+        "name": "cnn-small",
+        "image": 16,
+        "channels": 1,
+        "classes": 10,
+        "batch": 128,
+        "meta_batch": 128,
+    },
+    "resnet50 224x224x3 K100": {
+        "name": "resnet50",
+        "image": 224,
+        "channels": 3,
+        "classes": 100,
+        "batch": 128,
+        "meta_batch": 128,
+    },
 }
 PROVIDERS = ("eager", *(f"iteration_{s}" for s in META_GRADIENTS), *(f"metagrad_{s}" for s in META_GRADIENTS))
 
@@ -40,13 +54,23 @@ def _skip_reason(model_name: str) -> str:
 def _setup(spec):
     torch.manual_seed(0)
     device = registry.DEVICE
-    classifier = build_classifier(spec["name"], num_classes=spec["classes"], in_channels=spec["channels"],
-                                  image_size=spec["image"]).to(device).train()  # fmt: skip
+    classifier = (
+        build_classifier(
+            spec["name"], num_classes=spec["classes"], in_channels=spec["channels"], image_size=spec["image"]
+        )
+        .to(device)
+        .train()
+    )
     weight_net = WeightNet().to(device)
     shape = (spec["channels"], spec["image"], spec["image"])
-    batch = (torch.rand(spec["batch"], *shape, device=device), torch.randint(0, spec["classes"], (spec["batch"],), device=device))
-    meta = (torch.rand(spec["meta_batch"], *shape, device=device),
-            torch.randint(0, spec["classes"], (spec["meta_batch"],), device=device))  # fmt: skip
+    batch = (
+        torch.rand(spec["batch"], *shape, device=device),
+        torch.randint(0, spec["classes"], (spec["batch"],), device=device),
+    )
+    meta = (
+        torch.rand(spec["meta_batch"], *shape, device=device),
+        torch.randint(0, spec["classes"], (spec["meta_batch"],), device=device),
+    )
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=1e-3, weight_decay=1e-4)
     return classifier, weight_net, optimizer, meta_optimizer, batch, meta
@@ -60,6 +84,7 @@ def _callable(provider, classifier, weight_net, optimizer, meta_optimizer, batch
         return plain
     kind, strategy = provider.split("_", 1)
     if kind == "iteration":
+
         def iteration():
             meta_update(classifier, weight_net, meta_optimizer, batch, meta, strategy=strategy, inner_lr=0.01)
             return plain()
@@ -68,14 +93,15 @@ def _callable(provider, classifier, weight_net, optimizer, meta_optimizer, batch
 
     def metagrad():
         params = {name: p.detach() for name, p in classifier.named_parameters()}
-        problem = Lookahead(lookahead_model_fn(classifier), params, weight_net, weight_net.features, *batch, *meta, 0.01,
-                            None, True)  # fmt: skip
+        problem = Lookahead(
+            lookahead_model_fn(classifier), params, weight_net, weight_net.features, *batch, *meta, 0.01, None, True
+        )
         return meta_gradient(problem, strategy)
 
     return metagrad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _baseline_peak(model_name):
     fn = _callable("eager", *_setup(MODELS[model_name]))
     fn()

@@ -8,7 +8,7 @@ Within a pytest-benchmark group (one op, one shape), the provider named
 
 from __future__ import annotations
 
-import registry  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import registry
 
 BASELINE = "eager"
 
@@ -51,8 +51,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _derive(session.benchmarks)
     write = terminalreporter.write_line
     write("")
-    write(f"utilgen ratios vs '{BASELINE}' (median times, same run): {registry.machine_info()['device']}, "
-          f"{registry.machine_info()['torch_threads']} threads")
+    write(
+        f"utilgen ratios vs '{BASELINE}' (median times, same run): {registry.machine_info()['device']}, "
+        f"{registry.machine_info()['torch_threads']} threads"
+    )
     write(f"{'group':<48} {'provider':<22} {'median ms':>10} {'x eager':>8} {'GB/s':>7} {'peak MiB':>9}")
     for bench in sorted(rows, key=lambda b: (b.group or "", b.stats.median)):
         info = bench.extra_info

@@ -111,7 +111,9 @@ def machine_info() -> dict:
     """What a result file must name: machine, device, threads, versions."""
     info = {
         "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0)
+        if DEVICE == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -126,7 +128,9 @@ def machine_info() -> dict:
     return info
 
 
-def record(benchmark, *, provider: str, shape: dict, bytes_moved: int | None = None, peak_bytes: int | None = None) -> None:
+def record(
+    benchmark, *, provider: str, shape: dict, bytes_moved: int | None = None, peak_bytes: int | None = None
+) -> None:
     """Fill ``benchmark.extra_info`` (GB/s is computed after timing in conftest)."""
     benchmark.extra_info.update(
         {
@@ -146,9 +150,14 @@ def sd21_unet():
 
     # stabilityai/stable-diffusion-2-1 unet/config.json (the fields that set its size and attention).
     return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
         use_linear_projection=True,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
+    )

@@ -25,8 +25,10 @@ def summarize(path: Path) -> str:
     lines = [
         f"### {path.name}",
         "",
-        f"{machine.get('device')} {cpu}, {machine.get('cpu_count')} cores, {machine.get('torch_threads')} torch threads, "
-        f"OMP_WAIT_POLICY={machine.get('omp_wait_policy')}, torch {machine.get('torch')}, triton {machine.get('triton')}; "
+        f"{machine.get('device')} {cpu}, {machine.get('cpu_count')} cores, "
+        f"{machine.get('torch_threads')} torch threads, "
+        f"OMP_WAIT_POLICY={machine.get('omp_wait_policy')}, torch {machine.get('torch')}, "
+        f"triton {machine.get('triton')}; "
         f"run {data.get('datetime', '')[:19]}",
         "",
         "| group | provider | median ms | x eager | GB/s | peak MiB |",

@@ -27,10 +27,30 @@ _TINY_NORM = 1e-12
 
 @triton.jit
 def _latent_update_part_kernel(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lr_ptr, step_ptr, active_ptr, center_ptr, radius_ptr,
-    numel, center_stride,
-    grad_sign, weight_decay, beta1, beta2, log2_beta1, log2_beta2, eps, momentum, shell_norm,
-    OPTIMIZER: tl.constexpr, PROJECTION: tl.constexpr, HAS_ACTIVE: tl.constexpr, WRITE_STEP: tl.constexpr,
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    lr_ptr,
+    step_ptr,
+    active_ptr,
+    center_ptr,
+    radius_ptr,
+    numel,
+    center_stride,
+    grad_sign,
+    weight_decay,
+    beta1,
+    beta2,
+    log2_beta1,
+    log2_beta2,
+    eps,
+    momentum,
+    shell_norm,
+    OPTIMIZER: tl.constexpr,
+    PROJECTION: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    WRITE_STEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
@@ -108,31 +128,72 @@ def _block_for(numel: int) -> int:
     return min(4096, triton.next_power_of_2(numel))
 
 
-def _launch_part(param, grad, exp_avg, exp_avg_sq, lr, step, active, center, radius, *, optimizer_code,
-                 projection, shell_norm, hyper, write_step) -> None:
+def _launch_part(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    lr,
+    step,
+    active,
+    center,
+    radius,
+    *,
+    optimizer_code,
+    projection,
+    shell_norm,
+    hyper,
+    write_step,
+) -> None:
     n, numel = param.shape[0], param[0].numel()
     center_stride = 0 if center is None or center.shape[0] == 1 else center[0].numel()
     dummy = step  # a valid pointer for arguments the constexpr switches never read
     _latent_update_part_kernel[(n,)](
-        param, grad,
+        param,
+        grad,
         exp_avg if exp_avg is not None else dummy,
         exp_avg_sq if exp_avg_sq is not None else dummy,
-        lr, step,
+        lr,
+        step,
         active.view(torch.uint8) if active is not None else dummy,
         center if center is not None else param,
         radius if radius is not None else dummy,
-        numel, center_stride,
-        *hyper, shell_norm,
-        OPTIMIZER=optimizer_code, PROJECTION=projection, HAS_ACTIVE=active is not None, WRITE_STEP=write_step,
+        numel,
+        center_stride,
+        *hyper,
+        shell_norm,
+        OPTIMIZER=optimizer_code,
+        PROJECTION=projection,
+        HAS_ACTIVE=active is not None,
+        WRITE_STEP=write_step,
         BLOCK=_block_for(numel),
     )
 
 
 def latent_update_triton(
-    noise, noise_grad, noise_exp_avg, noise_exp_avg_sq, noise_lr,
-    embed, embed_grad, embed_exp_avg, embed_exp_avg_sq, embed_lr,
-    embed_anchor, embed_max_distance, step, active,
-    optimizer, beta1, beta2, eps, weight_decay, momentum, maximize, project_noise, optimizer_code,
+    noise,
+    noise_grad,
+    noise_exp_avg,
+    noise_exp_avg_sq,
+    noise_lr,
+    embed,
+    embed_grad,
+    embed_exp_avg,
+    embed_exp_avg_sq,
+    embed_lr,
+    embed_anchor,
+    embed_max_distance,
+    step,
+    active,
+    optimizer,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    momentum,
+    maximize,
+    project_noise,
+    optimizer_code,
 ) -> None:
     """Runs the step with the (already validated) arguments of the ``utilgen::latent_update`` op."""
     del optimizer  # optimizer_code carries it, with SGD's momentum / plain distinction
@@ -141,11 +202,36 @@ def latent_update_triton(
     log2_beta2 = math.log2(beta2) if beta2 > 0 else -math.inf
     hyper = (-1.0 if maximize else 1.0, weight_decay, beta1, beta2, log2_beta1, log2_beta2, eps, momentum)
     if noise is not None:
-        _launch_part(noise, noise_grad, noise_exp_avg, noise_exp_avg_sq, noise_lr, step, active, None, None,
-                     optimizer_code=optimizer_code, projection=_SHELL if project_noise else _NO_PROJECTION,
-                     shell_norm=math.sqrt(noise[0].numel()), hyper=hyper, write_step=embed is None)
+        _launch_part(
+            noise,
+            noise_grad,
+            noise_exp_avg,
+            noise_exp_avg_sq,
+            noise_lr,
+            step,
+            active,
+            None,
+            None,
+            optimizer_code=optimizer_code,
+            projection=_SHELL if project_noise else _NO_PROJECTION,
+            shell_norm=math.sqrt(noise[0].numel()),
+            hyper=hyper,
+            write_step=embed is None,
+        )
     if embed is not None:
-        _launch_part(embed, embed_grad, embed_exp_avg, embed_exp_avg_sq, embed_lr, step, active, embed_anchor,
-                     embed_max_distance, optimizer_code=optimizer_code,
-                     projection=_BALL if embed_anchor is not None else _NO_PROJECTION,
-                     shell_norm=0.0, hyper=hyper, write_step=True)
+        _launch_part(
+            embed,
+            embed_grad,
+            embed_exp_avg,
+            embed_exp_avg_sq,
+            embed_lr,
+            step,
+            active,
+            embed_anchor,
+            embed_max_distance,
+            optimizer_code=optimizer_code,
+            projection=_BALL if embed_anchor is not None else _NO_PROJECTION,
+            shell_norm=0.0,
+            hyper=hyper,
+            write_step=True,
+        )

@@ -79,6 +79,13 @@ def forward(logits: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, 
     block_n = max(1, min(_TILE_ELEMENTS // block_k, triton.next_power_of_2(n)))
     grid = (triton.cdiv(n, block_n),)
     _logit_hvp_fwd_kernel[grid](
-        logits, v, weight if weight is not None else logits, out, n, k,
-        HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
+        logits,
+        v,
+        weight if weight is not None else logits,
+        out,
+        n,
+        k,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )

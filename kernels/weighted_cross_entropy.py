@@ -127,9 +127,18 @@ def forward(
     n, k = logits.shape
     block_n, block_k = _tiles(k)
     _weighted_cross_entropy_fwd_kernel[(triton.cdiv(n, block_n),)](
-        logits, target, tangent if tangent is not None else logits, per_sample, lse, directional,
-        n, k, HAS_TANGENT=tangent is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
+        logits,
+        target,
+        tangent if tangent is not None else logits,
+        per_sample,
+        lse,
+        directional,
+        n,
+        k,
+        HAS_TANGENT=tangent is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
 
 
 def backward(
@@ -147,6 +156,18 @@ def backward(
     n, k = logits.shape
     block_n, block_k = _tiles(k)
     _weighted_cross_entropy_bwd_kernel[(triton.cdiv(n, block_n),)](
-        grad_loss, logits, target, weight, per_sample, lse, grad_logits, grad_weight,
-        n, k, scale, GRAD_PER_ROW=grad_per_row, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
+        grad_loss,
+        logits,
+        target,
+        weight,
+        per_sample,
+        lse,
+        grad_logits,
+        grad_weight,
+        n,
+        k,
+        scale,
+        GRAD_PER_ROW=grad_per_row,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )

@@ -17,13 +17,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import torch  # noqa: E402
+import torch
 
-from utilgen.adaptation import (  # noqa: E402
+from utilgen.adaptation import (
     DPOConfig,
     ILPOConfig,
     evaluate_pairs,
@@ -33,19 +33,19 @@ from utilgen.adaptation import (  # noqa: E402
     refine_noise,
     train_dpo_round,
 )
-from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
-from utilgen.generator import load_pretrained  # noqa: E402
-from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.config import EvaluationConfig  # noqa: E402
-from utilgen.evaluate import test_accuracy, train_classifier  # noqa: E402
-from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
+from utilgen.config import EvaluationConfig
+from utilgen.data import LabelledImages, load_embedded, make_splits
+from utilgen.evaluate import top1_accuracy, train_classifier
+from utilgen.generator import load_pretrained
+from utilgen.io import atomic_write_json
+from utilgen.valuation import BiLevelConfig, fit_valuation
 
 
 def train_and_test(train: LabelledImages, test: LabelledImages, seed: int, steps: int) -> float:
     """Test accuracy of a fresh cnn-small trained on ``train`` alone: the run's evaluation recipe, no augmentation."""
     config = EvaluationConfig(classifier="cnn-small", seeds=(seed,), steps=steps, batch_size=64, lr=0.05, augment=False)
     model = train_classifier(train, config, seed=seed, device=torch.device("cpu"))
-    return test_accuracy(model, test, torch.device("cpu"))
+    return top1_accuracy(model, test, torch.device("cpu"))
 
 
 def mlco_round(generator, valuation) -> dict:
@@ -57,8 +57,14 @@ def mlco_round(generator, valuation) -> dict:
     before = evaluate_pairs(generator, pairs, beta=config.beta)
     train_dpo_round(generator, pairs, config)
     after = evaluate_pairs(generator, pairs, beta=config.beta)
-    return {"pairs": len(pairs), "beta": config.beta, "lr": config.lr, "steps": config.steps,
-            "implicit_accuracy_before": before.implicit_acc, "implicit_accuracy_after": after.implicit_acc}  # fmt: skip
+    return {
+        "pairs": len(pairs),
+        "beta": config.beta,
+        "lr": config.lr,
+        "steps": config.steps,
+        "implicit_accuracy_before": before.implicit_acc,
+        "implicit_accuracy_after": after.implicit_acc,
+    }
 
 
 def main() -> None:
@@ -69,7 +75,9 @@ def main() -> None:
     parser.add_argument("--classifier-steps", type=int, default=300)
     parser.add_argument("--classifier-seeds", type=int, default=3)
     parser.add_argument("--prompt-lr", type=float, default=0.05)
-    parser.add_argument("--mlco", action="store_true", help="also run one Diffusion-DPO round, then every setting again")
+    parser.add_argument(
+        "--mlco", action="store_true", help="also run one Diffusion-DPO round, then every setting again"
+    )
     args = parser.parse_args()
 
     generator = load_pretrained()
@@ -77,10 +85,16 @@ def main() -> None:
     splits = make_splits(data, shots_per_class=16, meta_per_class=10, test_per_class=None, seed=0)
     k = generator.num_classes
     pool_labels = torch.arange(k).repeat_interleave(30)
-    pool_images = generator.sample(generator.class_prompt_embeds(pool_labels),
-                                   generator.initial_noise([10_000 + i for i in range(len(pool_labels))]))  # fmt: skip
-    valuation = fit_valuation(splits.train, LabelledImages(pool_images, pool_labels, data.class_names), splits.meta,
-                              BiLevelConfig(steps=args.todv_steps, batch_size=64, meta_batch_size=50, progress=False))  # fmt: skip
+    pool_images = generator.sample(
+        generator.class_prompt_embeds(pool_labels),
+        generator.initial_noise([10_000 + i for i in range(len(pool_labels))]),
+    )
+    valuation = fit_valuation(
+        splits.train,
+        LabelledImages(pool_images, pool_labels, data.class_names),
+        splits.meta,
+        BiLevelConfig(steps=args.todv_steps, batch_size=64, meta_batch_size=50, progress=False),
+    )
 
     labels = torch.arange(k).repeat_interleave(args.per_class)
     seeds = [70_000 + i for i in range(len(labels))]
@@ -90,12 +104,19 @@ def main() -> None:
     def settings(gen, prefix):
         noise = gen.initial_noise(seeds)
         class_prompts = gen.class_prompt_embeds(labels)
-        prompts = torch.cat([optimise_prompts(gen, valuation, labels[i : i + 50], noise[i : i + 50], config)[0]
-                             for i in range(0, len(labels), 50)])  # fmt: skip
+        prompts = torch.cat(
+            [
+                optimise_prompts(gen, valuation, labels[i : i + 50], noise[i : i + 50], config)[0]
+                for i in range(0, len(labels), 50)
+            ]
+        )
         return {
             f"{prefix}plain": (class_prompts, noise),
             f"{prefix}+prompt": (prompts, noise),
-            f"{prefix}+noise": (class_prompts, refine_noise(gen, valuation, labels, noise, class_prompts, redenoise)[0]),
+            f"{prefix}+noise": (
+                class_prompts,
+                refine_noise(gen, valuation, labels, noise, class_prompts, redenoise)[0],
+            ),
             f"{prefix}+prompt+noise": (prompts, refine_noise(gen, valuation, labels, noise, prompts, redenoise)[0]),
         }
 
@@ -108,7 +129,9 @@ def main() -> None:
         for name, (prompts, noise) in settings(gen, prefix).items():
             images = gen.sample(prompts, noise)
             pool = LabelledImages(images, labels, data.class_names)
-            accuracies = [train_and_test(pool, splits.test, seed, args.classifier_steps) for seed in range(args.classifier_seeds)]
+            accuracies = [
+                train_and_test(pool, splits.test, seed, args.classifier_steps) for seed in range(args.classifier_seeds)
+            ]
             report["settings"][name] = {
                 "mean_utility": round(float(valuation.score(images, labels).mean()), 4),
                 "synthetic_only_test_accuracy": round(sum(accuracies) / len(accuracies), 4),
@@ -116,7 +139,9 @@ def main() -> None:
             }
             print(name, report["settings"][name], flush=True)
         report[f"seconds{('_' + prefix) if prefix else ''}"] = round(time.perf_counter() - start, 1)
-    real = [train_and_test(splits.train, splits.test, seed, args.classifier_steps) for seed in range(args.classifier_seeds)]
+    real = [
+        train_and_test(splits.train, splits.test, seed, args.classifier_steps) for seed in range(args.classifier_seeds)
+    ]
     report["real_only_test_accuracy"] = round(sum(real) / len(real), 4)
     atomic_write_json(args.output, report)
 

@@ -19,17 +19,17 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import torch  # noqa: E402
+import torch
 
-from utilgen.adaptation import ILPOConfig, optimise_prompts, refine_noise  # noqa: E402
-from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
-from utilgen.generator import load_pretrained  # noqa: E402
-from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
+from utilgen.adaptation import ILPOConfig, optimise_prompts, refine_noise
+from utilgen.data import LabelledImages, load_embedded, make_splits
+from utilgen.generator import load_pretrained
+from utilgen.io import atomic_write_json
+from utilgen.valuation import BiLevelConfig, fit_valuation
 
 
 def generate(generator, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -66,8 +66,12 @@ def main() -> None:
     pool_images = generate(generator, pool_labels, [10_000 + i for i in range(len(pool_labels))])
     synthetic = LabelledImages(pool_images.clamp(0, 1), pool_labels, data.class_names)
     start = time.perf_counter()
-    valuation = fit_valuation(splits.train, synthetic, splits.meta,
-                              BiLevelConfig(steps=args.todv_steps, batch_size=64, meta_batch_size=50, progress=False))  # fmt: skip
+    valuation = fit_valuation(
+        splits.train,
+        synthetic,
+        splits.meta,
+        BiLevelConfig(steps=args.todv_steps, batch_size=64, meta_batch_size=50, progress=False),
+    )
     todv_seconds = time.perf_counter() - start
     losses, weights = valuation.curve()
 
@@ -75,8 +79,13 @@ def main() -> None:
     seeds = [50_000 + i for i in range(args.instances)]
     noise = generator.initial_noise(seeds)
     class_prompts = generator.class_prompt_embeds(labels)
-    base = ILPOConfig(prompt_steps=args.prompt_steps, prompt_lr=args.prompt_lr, drift_weight=args.drift_weight,
-                      batch_size=40, progress=False)  # fmt: skip
+    base = ILPOConfig(
+        prompt_steps=args.prompt_steps,
+        prompt_lr=args.prompt_lr,
+        drift_weight=args.drift_weight,
+        batch_size=40,
+        progress=False,
+    )
     results, prompts, seconds = {}, [], {}
 
     def score(prompt_embeds, noises):
@@ -86,7 +95,9 @@ def main() -> None:
     results["plain"] = score(class_prompts, noise)
     start = time.perf_counter()
     for i in range(0, args.instances, base.batch_size):
-        p, _ = optimise_prompts(generator, valuation, labels[i : i + base.batch_size], noise[i : i + base.batch_size], base)
+        p, _ = optimise_prompts(
+            generator, valuation, labels[i : i + base.batch_size], noise[i : i + base.batch_size], base
+        )
         prompts.append(p)
     prompts = torch.cat(prompts)
     seconds["prompt"] = (time.perf_counter() - start) / args.instances
@@ -102,8 +113,10 @@ def main() -> None:
     if args.gradient_noise:
         gradient = dataclasses.replace(base, noise_strategy="gradient", noise_steps=4, noise_lr=0.05)
         start = time.perf_counter()
-        refined = [refine_noise(generator, valuation, labels[i : i + 40], noise[i : i + 40], prompts[i : i + 40], gradient)[0]
-                   for i in range(0, args.instances, 40)]  # fmt: skip
+        refined = [
+            refine_noise(generator, valuation, labels[i : i + 40], noise[i : i + 40], prompts[i : i + 40], gradient)[0]
+            for i in range(0, args.instances, 40)
+        ]
         seconds["gradient_noise"] = (time.perf_counter() - start) / args.instances
         results["prompt+gradient_noise"] = score(prompts, torch.cat(refined))
 
@@ -114,13 +127,16 @@ def main() -> None:
         "todv_seconds": round(todv_seconds, 1),
         "curve": {"loss": [round(x, 3) for x in losses.tolist()], "weight": [round(x, 4) for x in weights.tolist()]},
         "mean_utility": {name: round(float(u.mean()), 4) for name, u in results.items()},
-        "fraction_improved_over_plain": {name: round(float((u > plain).float().mean()), 3)
-                                         for name, u in results.items() if name != "plain"},  # fmt: skip
+        "fraction_improved_over_plain": {
+            name: round(float((u > plain).float().mean()), 3) for name, u in results.items() if name != "plain"
+        },
         "mean_prompt_distance_to_class": round(float((prompts - class_prompts).flatten(1).norm(dim=1).mean()), 4),
         "class_prompt_norm": round(float(class_prompts.flatten(1).norm(dim=1).mean()), 4),
         "seconds_per_instance": {name: round(s, 3) for name, s in seconds.items()},
-        "classifier_accuracy": {name: accuracy(generator, valuation, labels, *pair)
-                                for name, pair in (("plain", (class_prompts, noise)), ("both", (prompts, both_noise)))},
+        "classifier_accuracy": {
+            name: accuracy(generator, valuation, labels, *pair)
+            for name, pair in (("plain", (class_prompts, noise)), ("both", (prompts, both_noise)))
+        },
     }
     atomic_write_json(args.output, report)
     print(report)

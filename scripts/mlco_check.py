@@ -32,28 +32,36 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import torch  # noqa: E402
+import torch
 
-from utilgen.adaptation import DPOConfig, evaluate_pairs, generate_candidates, pairs_from_pool, train_dpo_round  # noqa: E402
-from utilgen.adaptation.mlco import prepare_round  # noqa: E402
-from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
-from utilgen.generator.embedded import load_pretrained  # noqa: E402
-from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
+from utilgen.adaptation import DPOConfig, evaluate_pairs, generate_candidates, pairs_from_pool, train_dpo_round
+from utilgen.adaptation.mlco import prepare_round
+from utilgen.data import LabelledImages, load_embedded, make_splits
+from utilgen.generator.embedded import load_pretrained
+from utilgen.io import atomic_write_json
+from utilgen.valuation import BiLevelConfig, fit_valuation
 
 
 @torch.no_grad()
 def fresh_quality(generator, valuation, per_class: int, seed_base: int, guidance: float) -> dict:
-    pool = generate_candidates(generator, valuation, range(generator.num_classes), per_class,
-                               [seed_base + i for i in range(generator.num_classes * per_class)],
-                               guidance_scale=guidance)  # fmt: skip
+    pool = generate_candidates(
+        generator,
+        valuation,
+        range(generator.num_classes),
+        per_class,
+        [seed_base + i for i in range(generator.num_classes * per_class)],
+        guidance_scale=guidance,
+    )
     recognised = valuation.classifier(pool.images).argmax(1) == pool.labels
-    return {"mean_utility": round(float(pool.utilities.mean()), 4), "classifier_accuracy": round(float(recognised.float().mean()), 4),
-            "n": len(pool)}  # fmt: skip
+    return {
+        "mean_utility": round(float(pool.utilities.mean()), 4),
+        "classifier_accuracy": round(float(recognised.float().mean()), 4),
+        "n": len(pool),
+    }
 
 
 def main() -> None:
@@ -81,14 +89,24 @@ def main() -> None:
     splits = make_splits(data, shots_per_class=16, meta_per_class=10, test_per_class=10, seed=args.seed)
     generator = load_pretrained()
     k = generator.num_classes
-    initial = generate_candidates(generator, _Unvalued(data.class_names), range(k), args.pool_per_class,
-                                  [9_000_000 + i for i in range(k * args.pool_per_class)])  # fmt: skip
-    valuation = fit_valuation(splits.train, LabelledImages(initial.images, initial.labels, data.class_names), splits.meta,
-                              BiLevelConfig(steps=args.todv_steps, seed=args.seed, progress=False))  # fmt: skip
+    initial = generate_candidates(
+        generator,
+        _Unvalued(data.class_names),
+        range(k),
+        args.pool_per_class,
+        [9_000_000 + i for i in range(k * args.pool_per_class)],
+    )
+    valuation = fit_valuation(
+        splits.train,
+        LabelledImages(initial.images, initial.labels, data.class_names),
+        splits.meta,
+        BiLevelConfig(steps=args.todv_steps, seed=args.seed, progress=False),
+    )
     seconds["valuation"] = round(time.perf_counter() - started, 1)
 
-    config = DPOConfig(beta=args.beta, lr=args.lr, steps=args.steps, batch_pairs=args.batch_pairs, rounds=args.rounds,
-                       seed=args.seed)  # fmt: skip
+    config = DPOConfig(
+        beta=args.beta, lr=args.lr, steps=args.steps, batch_pairs=args.batch_pairs, rounds=args.rounds, seed=args.seed
+    )
     fresh_seed = 7_000_000
     quality = [{"after_round": None, **fresh_quality(generator, valuation, args.fresh, fresh_seed, args.guidance)}]
     rounds = []
@@ -96,10 +114,12 @@ def main() -> None:
         t0 = time.perf_counter()
         seeds = [1_000_000 * (r + 1) + i for i in range(k * args.candidates)]
         held_seeds = [1_000_000 * (r + 1) + 500_000 + i for i in range(k * args.candidates)]
-        candidates = generate_candidates(generator, valuation, range(k), args.candidates, seeds, round=r,
-                                         guidance_scale=args.guidance)  # fmt: skip
-        held_out = generate_candidates(generator, valuation, range(k), args.candidates, held_seeds, round=r,
-                                       guidance_scale=args.guidance)  # fmt: skip
+        candidates = generate_candidates(
+            generator, valuation, range(k), args.candidates, seeds, round=r, guidance_scale=args.guidance
+        )
+        held_out = generate_candidates(
+            generator, valuation, range(k), args.candidates, held_seeds, round=r, guidance_scale=args.guidance
+        )
         pairs = pairs_from_pool(candidates, pairs_per_class=args.pairs, min_gap=args.min_gap)
         held_pairs = pairs_from_pool(held_out, pairs_per_class=args.pairs, min_gap=args.min_gap)
         t1 = time.perf_counter()
@@ -108,36 +128,63 @@ def main() -> None:
             config_round = dataclasses.replace(config, reanchor=False)  # already merged
         else:
             config_round = config
-        before = {"own": evaluate_pairs(generator, pairs, beta=config.beta),
-                  "held_out": evaluate_pairs(generator, held_pairs, beta=config.beta)}  # fmt: skip
+        before = {
+            "own": evaluate_pairs(generator, pairs, beta=config.beta),
+            "held_out": evaluate_pairs(generator, held_pairs, beta=config.beta),
+        }
         result = train_dpo_round(generator, pairs, config_round, round_index=r)
         t2 = time.perf_counter()
-        after = {"own": evaluate_pairs(generator, pairs, beta=config.beta),
-                 "held_out": evaluate_pairs(generator, held_pairs, beta=config.beta)}  # fmt: skip
+        after = {
+            "own": evaluate_pairs(generator, pairs, beta=config.beta),
+            "held_out": evaluate_pairs(generator, held_pairs, beta=config.beta),
+        }
         history = result.history
-        rounds.append({
-            "round": r, "pairs": len(pairs), "held_out_pairs": len(held_pairs),
-            "mean_gap": round(float(pairs.gaps.mean()), 4),
-            "candidate_mean_utility": round(float(candidates.utilities.mean()), 4),
-            "implicit_acc": {f"{when}_{which}": round(ev[which].implicit_acc, 4)
-                             for when, ev in (("before", before), ("after", after)) for which in ev},
-            "dpo_loss": {f"{when}_{which}": round(ev[which].loss, 4)
-                         for when, ev in (("before", before), ("after", after)) for which in ev},
-            "mse_gap_after_own": {"winners": after["own"].mse_gap_winners, "losers": after["own"].mse_gap_losers},
-            "train_first10": {"loss": sum(history.loss[:10]) / 10, "implicit_acc": sum(history.implicit_acc[:10]) / 10},
-            "train_last10": {"loss": sum(history.loss[-10:]) / 10, "implicit_acc": sum(history.implicit_acc[-10:]) / 10},
-            "seconds": {"candidates": round(t1 - t0, 1), "dpo": round(t2 - t1, 1),
-                        "per_step": round((t2 - t1) / max(result.steps_done, 1), 3)},
-        })  # fmt: skip
+        rounds.append(
+            {
+                "round": r,
+                "pairs": len(pairs),
+                "held_out_pairs": len(held_pairs),
+                "mean_gap": round(float(pairs.gaps.mean()), 4),
+                "candidate_mean_utility": round(float(candidates.utilities.mean()), 4),
+                "implicit_acc": {
+                    f"{when}_{which}": round(ev[which].implicit_acc, 4)
+                    for when, ev in (("before", before), ("after", after))
+                    for which in ev
+                },
+                "dpo_loss": {
+                    f"{when}_{which}": round(ev[which].loss, 4)
+                    for when, ev in (("before", before), ("after", after))
+                    for which in ev
+                },
+                "mse_gap_after_own": {"winners": after["own"].mse_gap_winners, "losers": after["own"].mse_gap_losers},
+                "train_first10": {
+                    "loss": sum(history.loss[:10]) / 10,
+                    "implicit_acc": sum(history.implicit_acc[:10]) / 10,
+                },
+                "train_last10": {
+                    "loss": sum(history.loss[-10:]) / 10,
+                    "implicit_acc": sum(history.implicit_acc[-10:]) / 10,
+                },
+                "seconds": {
+                    "candidates": round(t1 - t0, 1),
+                    "dpo": round(t2 - t1, 1),
+                    "per_step": round((t2 - t1) / max(result.steps_done, 1), 3),
+                },
+            }
+        )
         quality.append({"after_round": r, **fresh_quality(generator, valuation, args.fresh, fresh_seed, args.guidance)})
         print(rounds[-1], quality[-1], flush=True)
 
     report = {
         "task": "embedded generator (committed weights), embedded Fashion-MNIST 16x16; TODV fitted quickly",
-        "args": vars(args), "config": dataclasses.asdict(config), "threads": torch.get_num_threads(),
-        "rounds": rounds, "fresh_samples": quality, "seconds_total": round(time.perf_counter() - started, 1),
+        "args": vars(args),
+        "config": dataclasses.asdict(config),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "fresh_samples": quality,
+        "seconds_total": round(time.perf_counter() - started, 1),
         "seconds": seconds,
-    }  # fmt: skip
+    }
     atomic_write_json(args.output, report)
 
 

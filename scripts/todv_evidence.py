@@ -16,17 +16,17 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
-from utilgen.generator.embedded import load_pretrained  # noqa: E402
-from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
+from utilgen.data import LabelledImages, load_embedded, make_splits
+from utilgen.generator.embedded import load_pretrained
+from utilgen.io import atomic_write_json
+from utilgen.valuation import BiLevelConfig, fit_valuation
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -70,7 +70,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     flipped = torch.rand(len(true_labels), generator=generator) < 0.3  # (N,)
     labels = true_labels.clone()
-    labels[flipped] = (labels[flipped] + torch.randint(1, data.num_classes, (int(flipped.sum()),), generator=generator)) % 10
+    labels[flipped] = (
+        labels[flipped] + torch.randint(1, data.num_classes, (int(flipped.sum()),), generator=generator)
+    ) % 10
     pool = LabelledImages(images, labels, data.class_names)
 
     config = BiLevelConfig(strategy=args.strategy, steps=args.steps, seed=args.seed)
@@ -94,21 +96,40 @@ def main() -> None:
         "pool": {"size": len(pool), "flipped": int(flipped.sum())},
         "auroc_clean_over_flipped": auroc(utilities[~flipped], utilities[flipped]),
         "auroc_small_loss_of_unweighted_classifier": auroc(-baseline_loss[~flipped], -baseline_loss[flipped]),
-        "mean_utility": {"clean": float(utilities[~flipped].mean()), "flipped": float(utilities[flipped].mean()),
-                         "real_train": float(valuation.score(splits.train.images, splits.train.labels).mean())},
+        "mean_utility": {
+            "clean": float(utilities[~flipped].mean()),
+            "flipped": float(utilities[flipped].mean()),
+            "real_train": float(valuation.score(splits.train.images, splits.train.labels).mean()),
+        },
         "curve": {"loss": [round(float(v), 3) for v in losses], "weight": [round(float(v), 4) for v in weights]},
         "accuracy": {
-            "reweighted": {"meta": accuracy(valuation.classifier, splits.meta), "test": accuracy(valuation.classifier, splits.test)},
-            "unweighted": {"meta": accuracy(baseline.classifier, splits.meta), "test": accuracy(baseline.classifier, splits.test)},
+            "reweighted": {
+                "meta": accuracy(valuation.classifier, splits.meta),
+                "test": accuracy(valuation.classifier, splits.test),
+            },
+            "unweighted": {
+                "meta": accuracy(baseline.classifier, splits.meta),
+                "test": accuracy(baseline.classifier, splits.test),
+            },
         },
         "meta_loss": {"first10": sum(history.meta_loss[:10]) / 10, "last10": sum(history.meta_loss[-10:]) / 10},
         "mean_weight_last50": {
-            "real": sum(history.mean_weight_real[-50:]) / 50, "synthetic": sum(history.mean_weight_synthetic[-50:]) / 50,
+            "real": sum(history.mean_weight_real[-50:]) / 50,
+            "synthetic": sum(history.mean_weight_synthetic[-50:]) / 50,
         },
-        "seconds": {"generation": round(generation_s, 1), "fit_reweighted": round(fit_s, 1), "fit_unweighted": round(baseline_s, 1)},
-    }  # fmt: skip
+        "seconds": {
+            "generation": round(generation_s, 1),
+            "fit_reweighted": round(fit_s, 1),
+            "fit_unweighted": round(baseline_s, 1),
+        },
+    }
     atomic_write_json(args.output, report)
-    print({k: report[k] for k in ("auroc_clean_over_flipped", "auroc_small_loss_of_unweighted_classifier", "accuracy", "seconds")})
+    print(
+        {
+            k: report[k]
+            for k in ("auroc_clean_over_flipped", "auroc_small_loss_of_unweighted_classifier", "accuracy", "seconds")
+        }
+    )
 
 
 if __name__ == "__main__":

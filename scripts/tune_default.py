@@ -34,15 +34,15 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import time
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from utilgen.adaptation import (  # noqa: E402
+from utilgen.adaptation import (
     DPOConfig,
     ILPOConfig,
     evaluate_pairs,
@@ -52,12 +52,12 @@ from utilgen.adaptation import (  # noqa: E402
     select_indices_per_class,
     train_dpo_round,
 )
-from utilgen.data import LabelledImages, load_embedded, make_splits  # noqa: E402
-from utilgen.data.fashion_mnist import load_debian_images  # noqa: E402
-from utilgen.generator import learn_class_tokens, load_pretrained  # noqa: E402
-from utilgen.io import atomic_write_json  # noqa: E402
-from utilgen.models import build_classifier  # noqa: E402
-from utilgen.valuation import BiLevelConfig, fit_valuation  # noqa: E402
+from utilgen.data import LabelledImages, load_embedded, make_splits
+from utilgen.data.fashion_mnist import load_debian_images
+from utilgen.generator import learn_class_tokens, load_pretrained
+from utilgen.io import atomic_write_json
+from utilgen.models import build_classifier
+from utilgen.valuation import BiLevelConfig, fit_valuation
 
 PER_CLASS = 80  # 5 x 16 real shots
 FIRST_POOL_SEED = 10_000
@@ -82,12 +82,17 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(n, 1, 1, 1), shifted.flip(3), shifted)
 
 
-def train_and_evaluate(train: LabelledImages, evaluation: LabelledImages | list[LabelledImages], seed: int,
-                       steps: int) -> float | list[float]:  # fmt: skip
+def train_and_evaluate(
+    train: LabelledImages, evaluation: LabelledImages | list[LabelledImages], seed: int, steps: int
+) -> float | list[float]:
     """Top-1 accuracy on ``evaluation`` (or on each of a list) of a fresh cnn-small trained on ``train`` (the fixed recipe)."""
     torch.manual_seed(seed)
-    model = build_classifier("cnn-small", num_classes=len(train.class_names), in_channels=train.images.shape[1],
-                             image_size=train.images.shape[-1])  # fmt: skip
+    model = build_classifier(
+        "cnn-small",
+        num_classes=len(train.class_names),
+        in_channels=train.images.shape[1],
+        image_size=train.images.shape[-1],
+    )
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
     rng = torch.Generator().manual_seed(seed)
@@ -103,17 +108,21 @@ def train_and_evaluate(train: LabelledImages, evaluation: LabelledImages | list[
     results = []
     for part in evaluation if isinstance(evaluation, list) else [evaluation]:
         with torch.no_grad():
-            correct = sum(int((model(part.images[i : i + 1000]).argmax(1) == part.labels[i : i + 1000]).sum())
-                          for i in range(0, len(part), 1000))  # fmt: skip
+            correct = sum(
+                int((model(part.images[i : i + 1000]).argmax(1) == part.labels[i : i + 1000]).sum())
+                for i in range(0, len(part), 1000)
+            )
         results.append(correct / len(part))
     return results if isinstance(evaluation, list) else results[0]
 
 
 def summarise(accuracies: list[float]) -> dict:
-    return {"mean": round(statistics.mean(accuracies), 4),
-            "spread": round(max(accuracies) - min(accuracies), 4),
-            "std": round(statistics.pstdev(accuracies), 4),
-            "per_seed": [round(a, 4) for a in accuracies]}  # fmt: skip
+    return {
+        "mean": round(statistics.mean(accuracies), 4),
+        "spread": round(max(accuracies) - min(accuracies), 4),
+        "std": round(statistics.pstdev(accuracies), 4),
+        "per_seed": [round(a, 4) for a in accuracies],
+    }
 
 
 def validation_subset(per_class: int, image_size: int) -> LabelledImages:
@@ -125,28 +134,35 @@ def validation_subset(per_class: int, image_size: int) -> LabelledImages:
 
 # ------------------------------------------------------------------------------------------ settings
 
-TODV_DEFAULT = dict(steps=150, batch_size=64, meta_batch_size=50, progress=False)
+TODV_DEFAULT = {"steps": 150, "batch_size": 64, "meta_batch_size": 50, "progress": False}
 
 SETTINGS: dict[str, dict] = {
     # plain generation: class prompts (pretrained), per-image seeds, guidance --guidance, no UtilGen
-    "plain": dict(plain=True),
-    "plain-tokens": dict(plain=True, tokens=True),
+    "plain": {"plain": True},
+    "plain-tokens": {"plain": True, "tokens": True},
     # UtilGen without MLCO: ILPO re-denoise only (no prompt steps), no selection
-    "noise": dict(tokens=True, ilpo=dict(prompt_steps=0, noise_strategy="redenoise")),
+    "noise": {"tokens": True, "ilpo": {"prompt_steps": 0, "noise_strategy": "redenoise"}},
     # ILPO prompt (2 Adam steps through the 10-step sampler, last call differentiated) + re-denoise
-    "ilpo": dict(tokens=True, ilpo=dict(prompt_steps=2, prompt_lr=0.05, noise_strategy="redenoise")),
+    "ilpo": {"tokens": True, "ilpo": {"prompt_steps": 2, "prompt_lr": 0.05, "noise_strategy": "redenoise"}},
     # repair mode: only the instances below the 25% utility quantile of D_g0 ascend (4 steps), then re-denoise
-    "repair": dict(tokens=True, ilpo=dict(prompt_steps=4, prompt_lr=0.05, noise_strategy="redenoise",
-                                          repair_quantile=0.25)),
+    "repair": {
+        "tokens": True,
+        "ilpo": {"prompt_steps": 4, "prompt_lr": 0.05, "noise_strategy": "redenoise", "repair_quantile": 0.25},
+    },
     # the brief's utility-selection lever: 3 x candidates per class, keep the top 80 by utility
-    "plain-top3": dict(tokens=True, oversample=3, select="top"),
+    "plain-top3": {"tokens": True, "oversample": 3, "select": "top"},
     # MLCO: one weak Diffusion-DPO round, then ILPO re-denoise
-    "mlco-noise": dict(tokens=True, mlco=dict(rounds=1, candidates=8, pairs=2, min_gap=0.05,
-                                              dpo=dict(steps=50, lr=5e-5)),
-                       ilpo=dict(prompt_steps=0, noise_strategy="redenoise")),
+    "mlco-noise": {
+        "tokens": True,
+        "mlco": {"rounds": 1, "candidates": 8, "pairs": 2, "min_gap": 0.05, "dpo": {"steps": 50, "lr": 5e-5}},
+        "ilpo": {"prompt_steps": 0, "noise_strategy": "redenoise"},
+    },
     # the full default UtilGen of METHOD.md at this budget: MLCO (DPOConfig defaults, 2 rounds) + ILPO prompt + noise
-    "full-default": dict(tokens=True, mlco=dict(rounds=2, candidates=16, pairs=4, min_gap=0.05),
-                         ilpo=dict(prompt_steps=2, prompt_lr=0.05, noise_strategy="redenoise")),
+    "full-default": {
+        "tokens": True,
+        "mlco": {"rounds": 2, "candidates": 16, "pairs": 4, "min_gap": 0.05},
+        "ilpo": {"prompt_steps": 2, "prompt_lr": 0.05, "noise_strategy": "redenoise"},
+    },
 }
 
 
@@ -184,8 +200,9 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
     k = generator.num_classes
     steps, guidance = args.sampler_steps, args.guidance
     if setting.get("tokens"):
-        tokens, seconds = cache.get("tokens", lambda: learn_class_tokens(
-            generator, splits.train.images, splits.train.labels, steps=200, seed=0))  # fmt: skip
+        tokens, seconds = cache.get(
+            "tokens", lambda: learn_class_tokens(generator, splits.train.images, splits.train.labels, steps=200, seed=0)
+        )
         generator.set_class_tokens(tokens)
         report["seconds"]["tokens"] = round(seconds, 1)
     tok = "tok" if setting.get("tokens") else "pre"
@@ -194,8 +211,12 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
     seeds = torch.tensor([FINAL_SEED + i for i in range(len(labels))])
     if setting.get("plain"):
         start = time.perf_counter()
-        images = generator.sample(generator.class_prompt_embeds(labels), generator.initial_noise(seeds.tolist()),
-                                  guidance_scale=guidance, steps=steps)  # fmt: skip
+        images = generator.sample(
+            generator.class_prompt_embeds(labels),
+            generator.initial_noise(seeds.tolist()),
+            guidance_scale=guidance,
+            steps=steps,
+        )
         report["seconds"]["generation"] = round(time.perf_counter() - start, 1)
         report["seconds"]["total"] = round(sum(report["seconds"].values()), 1)
         return LabelledImages(images, labels, splits.train.class_names), report
@@ -205,7 +226,9 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
     def first_pool():
         first_labels = torch.arange(k).repeat_interleave(first_per_class)
         noise = generator.initial_noise([FIRST_POOL_SEED + i for i in range(len(first_labels))])
-        images = generator.sample(generator.class_prompt_embeds(first_labels), noise, guidance_scale=guidance, steps=steps)
+        images = generator.sample(
+            generator.class_prompt_embeds(first_labels), noise, guidance_scale=guidance, steps=steps
+        )
         return LabelledImages(images, first_labels, splits.train.class_names)
 
     pool0, seconds = cache.get(f"pool0-{tok}-{first_per_class}", first_pool)
@@ -213,8 +236,10 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
     todv = {**TODV_DEFAULT, **setting.get("todv", {})}
     if "features" in todv:
         todv["features"] = tuple(todv["features"])
-    valuation, seconds = cache.get(f"todv-{tok}-{first_per_class}-{sorted(todv.items())}",
-                                   lambda: fit_valuation(splits.train, pool0, splits.meta, BiLevelConfig(**todv)))  # fmt: skip
+    valuation, seconds = cache.get(
+        f"todv-{tok}-{first_per_class}-{sorted(todv.items())}",
+        lambda: fit_valuation(splits.train, pool0, splits.meta, BiLevelConfig(**todv)),
+    )
     report["seconds"]["todv"] = round(seconds, 1)
     if valuation.features == ("loss",):
         grid, weights = valuation.curve(torch.linspace(0, 6, 13))
@@ -227,21 +252,36 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
         report["mlco"] = []
         for r in range(mlco.get("rounds", 1)):
             n = mlco.get("candidates", 16)
-            candidates = generate_candidates(generator, valuation, range(k), n,
-                                             [MLCO_SEED + 100_000 * r + i for i in range(n * k)],
-                                             guidance_scale=guidance, steps=steps)  # fmt: skip
+            candidates = generate_candidates(
+                generator,
+                valuation,
+                range(k),
+                n,
+                [MLCO_SEED + 100_000 * r + i for i in range(n * k)],
+                guidance_scale=guidance,
+                steps=steps,
+            )
             pairs = pairs_from_pool(candidates, pairs_per_class=mlco.get("pairs", 4), min_gap=mlco.get("min_gap", 0.05))
             train_dpo_round(generator, pairs, config, round_index=r)
             after = evaluate_pairs(generator, pairs, beta=config.beta)
-            report["mlco"].append({"pairs": len(pairs), "implicit_accuracy_after": round(after.implicit_acc, 3),
-                                   "candidate_mean_utility": round(float(candidates.utilities.mean()), 4)})  # fmt: skip
+            report["mlco"].append(
+                {
+                    "pairs": len(pairs),
+                    "implicit_accuracy_after": round(after.implicit_acc, 3),
+                    "candidate_mean_utility": round(float(candidates.utilities.mean()), 4),
+                }
+            )
         report["seconds"]["mlco"] = round(time.perf_counter() - start, 1)
 
     start = time.perf_counter()
     ilpo = setting.get("ilpo")
     if ilpo is None:  # plain sampling with the (tuned) generator, then valued
-        images = generator.sample(generator.class_prompt_embeds(labels), generator.initial_noise(seeds.tolist()),
-                                  guidance_scale=guidance, steps=steps)  # fmt: skip
+        images = generator.sample(
+            generator.class_prompt_embeds(labels),
+            generator.initial_noise(seeds.tolist()),
+            guidance_scale=guidance,
+            steps=steps,
+        )
         utilities = valuation.score(images, labels)
     else:
         ilpo = dict(ilpo)
@@ -249,15 +289,18 @@ def run_setting(name: str, setting: dict, splits, args, cache: Cache) -> tuple[L
             threshold = float(torch.quantile(valuation.score(pool0.images, pool0.labels), ilpo.pop("repair_quantile")))
             ilpo["ascend_below"] = threshold
             report["ascend_below"] = round(threshold, 4)
-        config = ILPOConfig(**{"steps": steps, "guidance_scale": guidance, "batch_size": 100, "progress": False, **ilpo})
+        config = ILPOConfig(
+            **{"steps": steps, "guidance_scale": guidance, "batch_size": 100, "progress": False, **ilpo}
+        )
         pool, history = optimise_instances(generator, valuation, labels, seeds, config)
         images, utilities = pool.images, pool.utilities
         before = torch.cat([h.utility_before for h in history.prompt])
         report["ilpo"] = {"utility_class_prompt_proxy": round(float(before.mean()), 4)}
     report["seconds"]["final_generation"] = round(time.perf_counter() - start, 1)
     report["mean_utility_all_candidates"] = round(float(utilities.mean()), 4)
-    keep = select_indices_per_class(labels, utilities, PER_CLASS, mode=setting.get("select", "top"),
-                            drop_fraction=setting.get("drop_fraction", 0.0))  # fmt: skip
+    keep = select_indices_per_class(
+        labels, utilities, PER_CLASS, mode=setting.get("select", "top"), drop_fraction=setting.get("drop_fraction", 0.0)
+    )
     report["mean_utility_kept"] = round(float(utilities[keep].mean()), 4)
     report["seconds"]["total"] = round(sum(report["seconds"].values()), 1)
     return LabelledImages(images[keep], labels[keep], splits.train.class_names), report
@@ -284,8 +327,12 @@ def main() -> None:
     data = load_embedded(16)
     splits = make_splits(data, shots_per_class=16, meta_per_class=10, test_per_class=None, seed=0)
     validation = validation_subset(args.val_per_class, 16)
-    report = {"args": vars(args), "torch_threads": torch.get_num_threads(), "validation_size": len(validation),
-              "settings": {}}  # fmt: skip
+    report = {
+        "args": vars(args),
+        "torch_threads": torch.get_num_threads(),
+        "validation_size": len(validation),
+        "settings": {},
+    }
     if os.path.exists(args.output):
         with open(args.output) as handle:
             previous = json.load(handle)

@@ -13,14 +13,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from utilgen.ops import _backend  # noqa: E402
+from utilgen.ops import _backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -21,7 +21,8 @@ def test_defaults_and_every_preset_build():
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="smoke") as info:
         build_config("fast")
-    assert "default" in str(info.value) and "sd21" in str(info.value)
+    assert "default" in str(info.value)
+    assert "sd21" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -110,14 +111,18 @@ def test_to_dict_round_trip_is_exact():
     assert config_from_dict(config.to_dict()) == config
     saved = config.to_dict()
     saved["mlco"]["bogus"] = 1
-    with pytest.raises(ConfigError, match="mlco.bogus"):
+    with pytest.raises(ConfigError, match=r"mlco\.bogus"):
         config_from_dict(saved)
 
 
 def test_valid_keys_cover_every_field():
     keys = valid_keys()
-    assert "mlco.rounds" in keys and "evaluation.seeds" in keys and "run.seed" in keys
-    total = sum(len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config) if f.name != "preset")
+    assert "mlco.rounds" in keys
+    assert "evaluation.seeds" in keys
+    assert "run.seed" in keys
+    total = sum(
+        len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config) if f.name != "preset"
+    )
     assert len(keys) == total
 
 

@@ -44,14 +44,18 @@ def fake_debian(tmp_path):
 
 def test_embedded_subset_shape_range_balance():
     data = load_embedded()
-    assert data.images.shape == (3000, 1, 16, 16) and data.images.dtype == torch.float32
-    assert 0.0 <= float(data.images.min()) and float(data.images.max()) <= 1.0
-    assert float(data.images.max()) > 0.9 and float(data.images.std()) > 0.1  # real pictures, not blanks
+    assert data.images.shape == (3000, 1, 16, 16)
+    assert data.images.dtype == torch.float32
+    assert 0.0 <= float(data.images.min())
+    assert float(data.images.max()) <= 1.0
+    assert float(data.images.max()) > 0.9
+    assert float(data.images.std()) > 0.1
     assert data.class_counts() == [300] * 10
     assert data.class_names == CLASS_NAMES
     indices = [int(s.split(":")[-1]) for s in data.sources]
     assert all(s.startswith("fashion-mnist:test:") for s in data.sources)
-    assert len(set(indices)) == 3000 and max(indices) < 10000
+    assert len(set(indices)) == 3000
+    assert max(indices) < 10000
 
 
 def test_embedded_subset_native_size_is_the_stored_pixels():
@@ -64,8 +68,11 @@ def test_embedded_subset_native_size_is_the_stored_pixels():
 
 def test_licence_notice_ships_with_the_subset():
     text = fashion_mnist.LICENSE_FILE.read_text()
-    assert "MIT License" in text and "Zalando SE" in text and "github.com/zalandoresearch/fashion-mnist" in text
-    assert "Permission is hereby granted" in text and "3000 images" in text
+    assert "MIT License" in text
+    assert "Zalando SE" in text
+    assert "github.com/zalandoresearch/fashion-mnist" in text
+    assert "Permission is hereby granted" in text
+    assert "3000 images" in text
     assert fashion_mnist.EMBEDDED_FILE.stat().st_size < 1.5e6
 
 
@@ -74,22 +81,27 @@ def test_embedded_subset_equals_the_debian_test_images():
     images, labels = load_debian("test")
     with np.load(fashion_mnist.EMBEDDED_FILE, allow_pickle=False) as archive:
         indices, stored, stored_labels = archive["indices"], archive["images"], archive["labels"]
-    assert np.array_equal(images[indices], stored) and np.array_equal(labels[indices], stored_labels)
+    assert np.array_equal(images[indices], stored)
+    assert np.array_equal(labels[indices], stored_labels)
 
 
 @needs_debian
 def test_debian_files_load():
     images, labels = load_debian("test")
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [1000] * 10
+    assert images.shape == (10000, 28, 28)
+    assert images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [1000] * 10
 
 
 def test_fake_debian_directory(fake_debian):
     directory, images, labels = fake_debian
     got_images, got_labels = load_debian("test", directory)
-    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    assert np.array_equal(got_images, images)
+    assert np.array_equal(got_labels, labels)
     data = fashion_mnist.load_debian_images("train", image_size=8, directory=directory)
-    assert data.images.shape == (20, 1, 8, 8) and data.sources[3] == "fashion-mnist:train:3"
+    assert data.images.shape == (20, 1, 8, 8)
+    assert data.sources[3] == "fashion-mnist:train:3"
 
 
 def test_missing_files_name_the_debian_package(tmp_path):
@@ -103,10 +115,10 @@ def test_truncated_idx_file_is_a_clear_error(fake_debian):
     image_file = directory / fashion_mnist._FILES["test"][0]
     payload = gzip.decompress(image_file.read_bytes())
     image_file.write_bytes(gzip.compress(payload[: len(payload) - 100]))  # valid gzip, short idx payload
-    with pytest.raises(ValueError, match="truncated.*dataset-fashion-mnist"):
+    with pytest.raises(ValueError, match=r"truncated.*dataset-fashion-mnist"):
         load_debian("test", directory)
     image_file.write_bytes(gzip.compress(payload)[:500])  # a download cut off mid gzip stream
-    with pytest.raises(ValueError, match="not a readable gzip file.*dataset-fashion-mnist"):
+    with pytest.raises(ValueError, match=r"not a readable gzip file.*dataset-fashion-mnist"):
         load_debian("test", directory)
 
 
@@ -119,5 +131,6 @@ def test_subset_script_writes_a_loadable_asset(fake_debian, tmp_path, monkeypatc
     with np.load(out / "fashion_mnist_subset.npz", allow_pickle=False) as archive:
         chosen, stored, stored_labels = archive["indices"], archive["images"], archive["labels"]
     assert chosen.tolist() == list(range(20))  # the first 2 of each class in file order: indices 0..19
-    assert np.array_equal(stored, images[chosen]) and np.array_equal(stored_labels, labels[chosen])
+    assert np.array_equal(stored, images[chosen])
+    assert np.array_equal(stored_labels, labels[chosen])
     assert "20 images (2 per class" in (out / "LICENSE-fashion-mnist.txt").read_text()

@@ -48,13 +48,17 @@ def folder(tmp_path):
 def test_rgb_folder_resized(folder):
     data, report = load_image_folder(folder, image_size=10, channels=3)
     assert data.class_names == ("cat", "dog")  # sorted; .git ignored
-    assert data.images.shape == (5, 3, 10, 10) and data.labels.tolist() == [0, 0, 0, 1, 1]
-    assert report.counts == {"cat": 3, "dog": 2} and report.num_skipped == 0
+    assert data.images.shape == (5, 3, 10, 10)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1]
+    assert report.counts == {"cat": 3, "dog": 2}
+    assert report.num_skipped == 0
     assert report.ignored_root_files == [str(folder / "README.txt")]
     red = data.images[1]  # cat/b.png, pure red, resize keeps it pure
-    assert torch.allclose(red[0], torch.ones(10, 10)) and float(red[1:].abs().max()) == 0.0
+    assert torch.allclose(red[0], torch.ones(10, 10))
+    assert float(red[1:].abs().max()) == 0.0
     grey_jpeg = data.images[2]  # grey in, three equal channels out
-    assert torch.equal(grey_jpeg[0], grey_jpeg[1]) and abs(float(grey_jpeg.mean()) - 128 / 255) < 2 / 255
+    assert torch.equal(grey_jpeg[0], grey_jpeg[1])
+    assert abs(float(grey_jpeg.mean()) - 128 / 255) < 2 / 255
     assert data.sources[2].endswith("cat/sub/c.jpg")
 
 
@@ -68,7 +72,7 @@ def test_grayscale_folder(folder):
 def test_folder_export_of_fashion_mnist_reads_back_identically(tmp_path):
     """ImageFolder and the embedded loader resize the same way: same pixels from the same source."""
     native = load_embedded(image_size=28).subset(range(0, 3000, 300))  # 10 images
-    for i, (image, label) in enumerate(zip(native.images, native.labels.tolist())):
+    for i, (image, label) in enumerate(zip(native.images, native.labels.tolist(), strict=True)):
         pixels = (image[0] * 255).round().to(torch.uint8).numpy()
         _save(tmp_path / f"class{label}" / f"{i:02d}.png", pixels)
     data, _ = load_image_folder(tmp_path, image_size=16, channels=1)
@@ -102,7 +106,8 @@ def test_bad_files_are_listed(folder):
     assert "unreadable" in problems[str(folder / "cat" / "dangling.png")]
     for path in problems:
         assert path in message
-    assert "on_error='skip'" in message and "4 problem(s)" in message
+    assert "on_error='skip'" in message
+    assert "4 problem(s)" in message
 
 
 def test_bad_checksum_is_caught_by_verify(tmp_path):
@@ -113,7 +118,7 @@ def test_bad_checksum_is_caught_by_verify(tmp_path):
     data[at + 4 + length] ^= 0xFF  # first byte of the IDAT chunk's CRC
     _save(tmp_path / "a" / "good.png", np.zeros((8, 8), dtype=np.uint8))
     (tmp_path / "a" / "bad-crc.png").write_bytes(bytes(data))
-    with pytest.raises(ImageFolderError, match="bad-crc.png: corrupt image.*checksum"):
+    with pytest.raises(ImageFolderError, match=r"bad-crc\.png: corrupt image.*checksum"):
         load_image_folder(tmp_path, image_size=8)
 
 
@@ -125,7 +130,8 @@ def test_skip_counts_bad_files_and_drops_empty_classes(folder):
     (folder / "only-junk").mkdir()
     (folder / "only-junk" / "x.txt").write_text("x")
     data, report = load_image_folder(folder, image_size=8, on_error="skip")
-    assert data.class_names == ("cat", "dog") and len(data) == 5
+    assert data.class_names == ("cat", "dog")
+    assert len(data) == 5
     assert report.num_skipped == 3  # notes.txt, truncated.png, x.txt
     assert {Path(p).name for p, _ in report.skipped_files} == {"notes.txt", "truncated.png", "x.txt"}
     assert report.dropped_classes == ["empty", "only-junk"]
@@ -152,7 +158,8 @@ def test_missing_root_and_no_classes(tmp_path):
 
 def test_frozen_class_list(folder):
     data, _ = load_image_folder(folder, image_size=8, class_names=("dog", "cat"))
-    assert data.class_names == ("dog", "cat") and data.labels.tolist() == [0, 0, 1, 1, 1]
+    assert data.class_names == ("dog", "cat")
+    assert data.labels.tolist() == [0, 0, 1, 1, 1]
     with pytest.raises(ImageFolderError, match=r"missing folders \['bird'\]"):
         load_image_folder(folder, image_size=8, class_names=("bird", "cat", "dog"))
 

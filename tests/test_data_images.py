@@ -19,17 +19,22 @@ def _images(n: int = 6) -> LabelledImages:
 
 def test_counts_subset_concat():
     data = _images()
-    assert len(data) == 6 and data.image_shape == (1, 4, 4) and data.class_counts() == [2, 2, 2]
+    assert len(data) == 6
+    assert data.image_shape == (1, 4, 4)
+    assert data.class_counts() == [2, 2, 2]
     part = data.subset([5, 0])
-    assert part.labels.tolist() == [2, 0] and part.sources == ("src5", "src0")
+    assert part.labels.tolist() == [2, 0]
+    assert part.sources == ("src5", "src0")
     assert torch.equal(part.images[1], data.images[0])
     both = data.concat(part)
-    assert len(both) == 8 and both.class_counts() == [3, 2, 3] and both.sources[-1] == "src0"
+    assert len(both) == 8
+    assert both.class_counts() == [3, 2, 3]
+    assert both.sources[-1] == "src0"
     assert data.indices_of_class(1).tolist() == [1, 4]
 
 
 @pytest.mark.parametrize(
-    "images, labels, names, match",
+    ("images", "labels", "names", "match"),
     [
         (torch.rand(2, 4, 4), torch.tensor([0, 1]), CLASSES, "float32 tensor"),
         (torch.rand(2, 1, 4, 4).double(), torch.tensor([0, 1]), CLASSES, "float32 tensor"),
@@ -64,7 +69,8 @@ def test_subset_out_of_range():
 def test_resize_and_round_trip():
     pixels = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     small = resize_uint8(pixels, 16)
-    assert small.shape == (3, 16, 16) and small.dtype == np.uint8
+    assert small.shape == (3, 16, 16)
+    assert small.dtype == np.uint8
     flat = np.full((1, 28, 28), 77, dtype=np.uint8)
     assert (resize_uint8(flat, 16) == 77).all()  # a resize filter must preserve a constant image
     checkerboard = (np.indices((28, 28)).sum(0) % 2 * 255).astype(np.uint8)[None]
@@ -72,5 +78,6 @@ def test_resize_and_round_trip():
     rgb = np.random.default_rng(1).integers(0, 256, size=(2, 10, 12, 3), dtype=np.uint8)
     assert resize_uint8(rgb, 8).shape == (2, 8, 8, 3)
     tensor = uint8_to_tensor(small)
-    assert tensor.shape == (3, 1, 16, 16) and tensor.dtype == torch.float32
+    assert tensor.shape == (3, 1, 16, 16)
+    assert tensor.dtype == torch.float32
     assert np.array_equal(tensor_to_uint8(tensor)[..., 0], small)

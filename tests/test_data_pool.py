@@ -30,16 +30,22 @@ def _pool(n: int = 7, channels: int = 1, round: int = 0, stage: str = "initial",
 
 def test_create_concat_subset_to_labelled():
     first, second = _pool(4), _pool(3, round=1, stage="mlco", seed0=100)
-    assert torch.isnan(first.utilities).all() and first.stages == ["initial"] * 4
+    assert torch.isnan(first.utilities).all()
+    assert first.stages == ["initial"] * 4
     both = first.append(second)
-    assert len(both) == 7 and both.rounds.tolist() == [0] * 4 + [1] * 3 and both.stages[-1] == "mlco"
+    assert len(both) == 7
+    assert both.rounds.tolist() == [0] * 4 + [1] * 3
+    assert both.stages[-1] == "mlco"
     assert torch.equal(both.prompt_embeds[4:], second.prompt_embeds)
     picked = both.subset([6, 0])
-    assert picked.seeds.tolist() == [102, 0] and torch.equal(picked.noises[0], second.noises[2])
+    assert picked.seeds.tolist() == [102, 0]
+    assert torch.equal(picked.noises[0], second.noises[2])
     valued = picked.with_utilities(torch.tensor([0.5, -1.0]))
-    assert valued.utilities.tolist() == [0.5, -1.0] and torch.isnan(picked.utilities).all()
+    assert valued.utilities.tolist() == [0.5, -1.0]
+    assert torch.isnan(picked.utilities).all()
     labelled = valued.to_labelled()
-    assert isinstance(labelled, LabelledImages) and labelled.sources == (
+    assert isinstance(labelled, LabelledImages)
+    assert labelled.sources == (
         "synthetic:r1-mlco-c2-s102",
         "synthetic:r0-initial-c0-s0",
     )
@@ -69,17 +75,28 @@ def test_save_load_round_trip(tmp_path, channels):
     loaded = SyntheticPool.load(tmp_path / "pool")
     assert loaded.images.shape == pool.images.shape
     assert float((loaded.images - pool.images).abs().max()) <= 0.5 / 255 + 1e-6  # 8-bit PNG, rounded
-    assert torch.equal(loaded.labels, pool.labels) and torch.equal(loaded.seeds, pool.seeds)
-    assert torch.equal(loaded.rounds, pool.rounds) and loaded.stages == pool.stages
+    assert torch.equal(loaded.labels, pool.labels)
+    assert torch.equal(loaded.seeds, pool.seeds)
+    assert torch.equal(loaded.rounds, pool.rounds)
+    assert loaded.stages == pool.stages
     assert loaded.class_names == CLASSES
     assert torch.equal(torch.isnan(loaded.utilities), torch.isnan(pool.utilities))
     assert torch.equal(loaded.utilities.nan_to_num(), pool.utilities.nan_to_num())  # float32 exact through JSON
-    assert torch.equal(loaded.prompt_embeds, pool.prompt_embeds) and torch.equal(loaded.noises, pool.noises)
+    assert torch.equal(loaded.prompt_embeds, pool.prompt_embeds)
+    assert torch.equal(loaded.noises, pool.noises)
 
     rows = [json.loads(line) for line in (tmp_path / "pool" / "metadata.jsonl").read_text().splitlines()]
-    assert rows[2] == {"file": "images/2_bag/000002-r0-initial-s2.png", "label": 2, "class_name": "bag",
-                       "seed": 2, "round": 0, "stage": "initial", "utility": None}  # fmt: skip
-    assert rows[0]["class_name"] == "t-shirt/top" and rows[0]["file"].startswith("images/0_t-shirt_top/")
+    assert rows[2] == {
+        "file": "images/2_bag/000002-r0-initial-s2.png",
+        "label": 2,
+        "class_name": "bag",
+        "seed": 2,
+        "round": 0,
+        "stage": "initial",
+        "utility": None,
+    }
+    assert rows[0]["class_name"] == "t-shirt/top"
+    assert rows[0]["file"].startswith("images/0_t-shirt_top/")
     assert rows[1]["utility"] == pytest.approx(-2.0)
 
 
@@ -101,7 +118,9 @@ def test_pool_without_optional_tensors_and_empty_pool(tmp_path):
     )
     bare.save(tmp_path / "bare")
     loaded = SyntheticPool.load(tmp_path / "bare")
-    assert loaded.prompt_embeds is None and loaded.noises is None and loaded.rounds.tolist() == [2, 2]
+    assert loaded.prompt_embeds is None
+    assert loaded.noises is None
+    assert loaded.rounds.tolist() == [2, 2]
     empty = bare.subset([])
     empty.save(tmp_path / "empty")
     assert len(SyntheticPool.load(tmp_path / "empty")) == 0
@@ -153,7 +172,9 @@ def test_metadata_is_written_last(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_module, "atomic_write_bytes", lambda p, d: order.append(p.name) or real_bytes(p, d))
     monkeypatch.setattr(pool_module, "atomic_write_jsonl", lambda p, r: order.append(p.name) or real_jsonl(p, r))
     _pool(3).save(tmp_path / "pool")
-    assert order[-1] == "metadata.jsonl" and order[-2] == "tensors.safetensors" and len(order) == 5
+    assert order[-1] == "metadata.jsonl"
+    assert order[-2] == "tensors.safetensors"
+    assert len(order) == 5
 
 
 def test_replacing_a_pool_and_refusing_other_folders(tmp_path):
@@ -173,30 +194,30 @@ def test_damaged_pools_give_clear_errors(tmp_path):
     directory = _pool(4).save(tmp_path / "pool")
     image = directory / "images" / "1_trouser" / "000001-r0-initial-s1.png"
     image.unlink()
-    with pytest.raises(SyntheticPoolError, match="(?s)missing 1 image file.*000001-r0-initial-s1.png"):
+    with pytest.raises(SyntheticPoolError, match=r"(?s)missing 1 image file.*000001-r0-initial-s1\.png"):
         SyntheticPool.load(directory)
 
     directory = _pool(4).save(tmp_path / "pool2")
     (directory / "tensors.safetensors").unlink()
-    with pytest.raises(SyntheticPoolError, match="tensors.safetensors is missing"):
+    with pytest.raises(SyntheticPoolError, match=r"tensors\.safetensors is missing"):
         SyntheticPool.load(directory)
 
     directory = _pool(4).save(tmp_path / "pool3")
     (directory / "metadata.jsonl").unlink()
-    with pytest.raises(SyntheticPoolError, match="metadata.jsonl is missing"):
+    with pytest.raises(SyntheticPoolError, match=r"metadata\.jsonl is missing"):
         SyntheticPool.load(directory)
 
     directory = _pool(4).save(tmp_path / "pool4")
     lines = (directory / "metadata.jsonl").read_text().splitlines()
     (directory / "metadata.jsonl").write_text("\n".join(lines[:3]) + "\n")
-    with pytest.raises(SyntheticPoolError, match="records 4 images, metadata.jsonl has 3 rows"):
+    with pytest.raises(SyntheticPoolError, match=r"records 4 images, metadata\.jsonl has 3 rows"):
         SyntheticPool.load(directory)
 
     directory = _pool(4).save(tmp_path / "pool5")
     rows = [json.loads(line) for line in (directory / "metadata.jsonl").read_text().splitlines()]
     rows[2]["class_name"] = "dress"
     (directory / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SyntheticPoolError, match="line 3.*'dress'"):
+    with pytest.raises(SyntheticPoolError, match=r"line 3.*'dress'"):
         SyntheticPool.load(directory)
 
     directory = _pool(4).save(tmp_path / "pool6")

@@ -25,7 +25,9 @@ def test_balanced_and_disjoint():
     assert splits.meta.class_counts() == [5, 5, 5]
     assert splits.test.class_counts() == [10, 10, 10]
     sets = [set(splits.indices[name]) for name in ("train", "meta", "test")]
-    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert not (sets[0] & sets[1])
+    assert not (sets[0] & sets[2])
+    assert not (sets[1] & sets[2])
     for name in ("train", "meta", "test"):  # each split holds exactly the images its indices name
         part = getattr(splits, name)
         assert part.sources == tuple(f"img{i}" for i in splits.indices[name])
@@ -38,7 +40,8 @@ def test_deterministic_per_seed_and_different_across_seeds():
     again = make_splits(data, shots_per_class=4, meta_per_class=5, test_per_class=10, seed=3)
     other = make_splits(data, shots_per_class=4, meta_per_class=5, test_per_class=10, seed=4)
     assert first.indices == again.indices
-    assert first.indices["train"] != other.indices["train"] and first.indices["test"] != other.indices["test"]
+    assert first.indices["train"] != other.indices["train"]
+    assert first.indices["test"] != other.indices["test"]
 
 
 def test_global_rng_does_not_matter():
@@ -55,7 +58,8 @@ def test_more_shots_keep_test_and_meta_and_extend_train():
     data = _data()
     few = make_splits(data, shots_per_class=2, meta_per_class=5, test_per_class=10, seed=0)
     many = make_splits(data, shots_per_class=8, meta_per_class=5, test_per_class=10, seed=0)
-    assert few.indices["test"] == many.indices["test"] and few.indices["meta"] == many.indices["meta"]
+    assert few.indices["test"] == many.indices["test"]
+    assert few.indices["meta"] == many.indices["meta"]
     assert set(few.indices["train"]) < set(many.indices["train"])
 
 
@@ -68,10 +72,12 @@ def test_test_none_takes_the_rest():
 
 def test_too_few_names_classes_counts_and_need():
     data = _data((30, 6, 4))
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="too few") as info:
         make_splits(data, shots_per_class=2, meta_per_class=2, test_per_class=3, seed=0)
     message = str(info.value)
-    assert "'b' has 6" in message and "'c' has 4" in message and "'a'" not in message
+    assert "'b' has 6" in message
+    assert "'c' has 4" in message
+    assert "'a'" not in message
     assert "needs 7 (2 shots + 2 meta + 3 test)" in message
     with pytest.raises(ValueError, match="at least 1 test"):
         make_splits(data, shots_per_class=2, meta_per_class=2, test_per_class=None, seed=0)
@@ -82,10 +88,13 @@ def test_save_load_rebuild(tmp_path):
     splits = make_splits(data, shots_per_class=4, meta_per_class=5, test_per_class=10, seed=7)
     path = save_splits(splits, tmp_path / "splits.json")
     saved = load_split_indices(path)
-    assert saved["class_names"] == ["a", "b", "c"] and saved["seed"] == 7
-    assert saved["indices"] == splits.indices and saved["sources"]["meta"] == list(splits.meta.sources)
+    assert saved["class_names"] == ["a", "b", "c"]
+    assert saved["seed"] == 7
+    assert saved["indices"] == splits.indices
+    assert saved["sources"]["meta"] == list(splits.meta.sources)
     rebuilt = splits_from_indices(data, saved)
-    assert rebuilt.indices == splits.indices and torch.equal(rebuilt.test.images, splits.test.images)
+    assert rebuilt.indices == splits.indices
+    assert torch.equal(rebuilt.test.images, splits.test.images)
 
 
 def test_rebuild_detects_changed_data(tmp_path):

@@ -42,7 +42,8 @@ def test_a_learnable_task_is_learned_and_training_is_deterministic():
     again = evaluate([TrainingSet("toy", train, "real", None)], test, CONFIG, device=torch.device("cpu"))
     assert results == again
     assert results["toy"]["mean"] > 0.9
-    assert results["toy"]["train_size"] == 60 and len(results["toy"]["accuracies"]) == 2
+    assert results["toy"]["train_size"] == 60
+    assert len(results["toy"]["accuracies"]) == 2
 
 
 def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
@@ -60,11 +61,14 @@ def test_checkpointed_results_count_only_under_their_key(tmp_path):
     checkpoint = tmp_path / "partial.json"
     checkpoint.write_text(json.dumps({"key": "k1", "done": {"one|0": 0.25, "one|1": 0.75}}))
     setting = [TrainingSet("one", _task(5, 0), "real", None)]
-    results = evaluate(setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint,
-                       checkpoint_key="k1")  # fmt: skip
-    assert results["one"]["accuracies"] == [0.25, 0.75] and results["one"]["mean"] == 0.5  # not recomputed
-    other = evaluate(setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint,
-                     checkpoint_key="k2")  # another config: the saved numbers must not leak in
+    results = evaluate(
+        setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint, checkpoint_key="k1"
+    )
+    assert results["one"]["accuracies"] == [0.25, 0.75]
+    assert results["one"]["mean"] == 0.5
+    other = evaluate(
+        setting, _task(5, 1), CONFIG, device=torch.device("cpu"), checkpoint=checkpoint, checkpoint_key="k2"
+    )  # another config: the saved numbers must not leak in
     assert other["one"]["accuracies"] != [0.25, 0.75]
     assert json.loads(checkpoint.read_text())["key"] == "k2"
 
@@ -74,13 +78,13 @@ def test_training_with_augmentation_is_deterministic():
     train = _task(5, 0)
     first = train_classifier(train, config, seed=3, device=torch.device("cpu"))
     second = train_classifier(train, config, seed=3, device=torch.device("cpu"))
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_diverging_training_stops_with_a_clear_error():
     config = EvaluationConfig(seeds=(0,), steps=50, batch_size=16, lr=1e12)
-    with pytest.raises(NonFiniteTrainingError, match="lower evaluation.lr"):
+    with pytest.raises(NonFiniteTrainingError, match=r"lower evaluation\.lr"):
         train_classifier(_task(10, 0), config, seed=0, device=torch.device("cpu"))
 
 
@@ -100,11 +104,13 @@ def test_joint_resizes_synthetic_to_the_real_size():
     real = _task(2, 0)
     synthetic = LabelledImages(torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 0]), CLASSES)
     both = joint(real, synthetic)
-    assert both.images.shape == (10, 1, 16, 16) and both.labels.tolist()[-4:] == [0, 1, 2, 0]
+    assert both.images.shape == (10, 1, 16, 16)
+    assert both.labels.tolist()[-4:] == [0, 1, 2, 0]
     assert resize_images(real.images, 16) is real.images
 
 
 def test_summarise():
     assert summarise([0.5]) == {"accuracies": [0.5], "mean": 0.5, "std": 0.0}
     result = summarise([0.4, 0.6])
-    assert result["mean"] == pytest.approx(0.5) and result["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert result["mean"] == pytest.approx(0.5)
+    assert result["std"] == pytest.approx(0.1414, abs=1e-4)

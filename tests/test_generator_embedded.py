@@ -18,7 +18,8 @@ def test_sample_shapes_and_range():
     images = gen.sample(gen.class_prompt_embeds(labels), gen.initial_noise(range(5)), guidance_scale=2.0, steps=4)
     assert images.shape == (5, *gen.decode_shape) == (5, 1, gen.image_size, gen.image_size)
     assert images.dtype == torch.float32
-    assert images.min() >= 0 and images.max() <= 1
+    assert images.min() >= 0
+    assert images.max() <= 1
     assert images.std() > 0  # not a constant image
 
 
@@ -64,8 +65,9 @@ def test_per_sample_timesteps_match_one_call_per_timestep():
     timesteps = torch.tensor([10, 500, 990])
     with torch.no_grad():
         together = gen.predict_noise(x, timesteps, prompts, 2.0)
-        one_by_one = torch.cat([gen.predict_noise(x[i : i + 1], int(t), prompts[i : i + 1], 2.0)
-                                for i, t in enumerate(timesteps)])  # fmt: skip
+        one_by_one = torch.cat(
+            [gen.predict_noise(x[i : i + 1], int(t), prompts[i : i + 1], 2.0) for i, t in enumerate(timesteps)]
+        )
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
 
 
@@ -126,18 +128,19 @@ def test_lfs_pointer_is_named(tmp_path):
     (tmp_path / embedded.WEIGHTS_NAME).write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4000000\n"
     )
-    with pytest.raises(embedded.WeightsError, match="git-LFS pointer.*git lfs pull"):
+    with pytest.raises(embedded.WeightsError, match=r"git-LFS pointer.*git lfs pull"):
         embedded.load_weights(tmp_path)
 
 
 def test_missing_weights_say_how_to_make_them(tmp_path):
-    with pytest.raises(embedded.WeightsError, match="utilgen.pretrain"):
+    with pytest.raises(embedded.WeightsError, match=r"utilgen\.pretrain"):
         embedded.load_weights(tmp_path)
 
 
 def test_committed_weights_load_and_a_corrupted_copy_is_caught(tmp_path):
     gen = embedded.load_pretrained()
-    assert gen.num_classes == 10 and gen.latent_shape == (1, gen.image_size, gen.image_size)
+    assert gen.num_classes == 10
+    assert gen.latent_shape == (1, gen.image_size, gen.image_size)
     assert not any(p.requires_grad for m in gen.modules() for p in m.parameters())
     copy = tmp_path / "weights"
     shutil.copytree(embedded.WEIGHTS_DIR, copy)

@@ -12,24 +12,49 @@ from utilgen.data.fashion_mnist import DEBIAN_DIR
 
 
 def test_importing_the_generators_does_not_import_diffusers_or_transformers():
-    code = ("import sys, utilgen.generator, utilgen.generator.stable_diffusion; "
-            "print([m for m in ('diffusers', 'transformers') if m in sys.modules])")  # fmt: skip
+    code = (
+        "import sys, utilgen.generator, utilgen.generator.stable_diffusion; "
+        "print([m for m in ('diffusers', 'transformers') if m in sys.modules])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Debian Fashion-MNIST files absent")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Debian Fashion-MNIST files absent"
+)
 def test_pretrain_smoke_run_writes_loadable_verified_weights(tmp_path):
     out = tmp_path / "weights"
     result = subprocess.run(
-        [sys.executable, "-m", "utilgen.pretrain", "--tiny", "--steps", "2", "--batch-size", "8", "--out", str(out),
-         "--evaluate", "--eval-samples", "10", "--probe-steps", "2", "--sampling-steps", "2", "--quiet"],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "utilgen.pretrain",
+            "--tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--evaluate",
+            "--eval-samples",
+            "10",
+            "--probe-steps",
+            "2",
+            "--sampling-steps",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "pretrain_report.json").read_text())
-    assert report["steps"] == 2 and report["config"] == "tiny"
+    assert report["steps"] == 2
+    assert report["config"] == "tiny"
     assert 0 <= report["evaluation"]["probe_accuracy_on_samples"] <= 1
     assert report["evaluation"]["sampling_images_per_s"] > 0
 
@@ -41,8 +66,10 @@ def test_pretrain_smoke_run_writes_loadable_verified_weights(tmp_path):
 
 
 def test_info_reports_the_generator_attention():
-    result = subprocess.run([sys.executable, "-m", "utilgen.run", "--info", "--json"], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "utilgen.run", "--info", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["generator"]["attention"]
-    assert report["auto"] in ("sdpa", "xformers") and report["reason"].startswith("auto: ")
+    assert report["auto"] in ("sdpa", "xformers")
+    assert report["reason"].startswith("auto: ")

@@ -46,8 +46,9 @@ def test_full_graph_gradients_match_finite_differences(gen64, checkpoint):
     prompts, noise, weights = _inputs(gen64)
 
     def loss(p, z):  # on latents: decode's clamp to [0, 1] would zero most of a random model's gradient
-        latents = sample_differentiable_latents(gen64, p, z, steps=STEPS, guidance_scale=GUIDANCE, grad_steps=STEPS,
-                                                checkpoint=checkpoint)  # fmt: skip
+        latents = sample_differentiable_latents(
+            gen64, p, z, steps=STEPS, guidance_scale=GUIDANCE, grad_steps=STEPS, checkpoint=checkpoint
+        )
         return (latents * weights).sum()
 
     p, z = prompts.clone().requires_grad_(True), noise.clone().requires_grad_(True)
@@ -88,8 +89,9 @@ def test_grad_steps_one_keeps_the_last_call_only(gen64):
 
     def prompt_grad(grad_steps):
         p = prompts.clone().requires_grad_(True)
-        latents = sample_differentiable_latents(gen64, p, noise, steps=STEPS, guidance_scale=GUIDANCE,
-                                                grad_steps=grad_steps)  # fmt: skip
+        latents = sample_differentiable_latents(
+            gen64, p, noise, steps=STEPS, guidance_scale=GUIDANCE, grad_steps=grad_steps
+        )
         return torch.autograd.grad((latents * weights).sum(), p)[0]
 
     last_only, full = prompt_grad(1), prompt_grad(STEPS)
@@ -122,7 +124,9 @@ def test_one_step_x0_gradients_match_finite_differences(gen64):
     p = prompts.clone().requires_grad_(True)
     (grad_p,) = torch.autograd.grad(loss(p, noise), p)
     v = torch.randn(p.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    torch.testing.assert_close((grad_p * v).sum(), _directional_fd(lambda x: loss(x, noise), prompts, v), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        (grad_p * v).sum(), _directional_fd(lambda x: loss(x, noise), prompts, v), rtol=1e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.5])
@@ -149,7 +153,8 @@ def test_redenoise_refines_the_noise():
     gen = tiny_embedded()
     prompts, noise = gen.class_prompt_embeds([0, 1]), gen.initial_noise([1, 2])
     refined = redenoise_noise(gen, noise, prompts, steps=10, high_guidance=5.5, low_guidance=1.0)
-    assert refined.shape == noise.shape and refined.dtype == noise.dtype
+    assert refined.shape == noise.shape
+    assert refined.dtype == noise.dtype
     assert (refined - noise).abs().max() > 1e-4
     torch.testing.assert_close(redenoise_noise(gen, noise, prompts, steps=10), refined)  # deterministic
 

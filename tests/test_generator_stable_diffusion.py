@@ -9,15 +9,15 @@ import torch
 
 pytest.importorskip("transformers", reason="the SD backend needs transformers (pip install 'utilgen[sd]')")
 
-from _generator_models import CLASS_NAMES, save_tiny_stable_diffusion  # noqa: E402
+from _generator_models import CLASS_NAMES, save_tiny_stable_diffusion
 
-from utilgen.generator import attention  # noqa: E402
-from utilgen.generator.stable_diffusion import (  # noqa: E402
+from utilgen.generator import attention
+from utilgen.generator.stable_diffusion import (
     StableDiffusionDirectoryError,
     StableDiffusionGenerator,
     check_directory,
 )
-from utilgen.generator.textual_inversion import denoising_loss, learn_class_tokens  # noqa: E402
+from utilgen.generator.textual_inversion import denoising_loss, learn_class_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,11 +33,15 @@ def sd(sd_dir):
 
 
 def test_loads_and_samples_from_prompt_embeddings(sd):
-    assert sd.latent_shape == (4, 8, 8) and sd.image_size == 16 and sd.prompt_shape == (16, 32)
+    assert sd.latent_shape == (4, 8, 8)
+    assert sd.image_size == 16
+    assert sd.prompt_shape == (16, 32)
     prompts = sd.class_prompt_embeds([0, 2])
     assert prompts.shape == (2, 16, 32)
     images = sd.sample(prompts, sd.initial_noise([1, 2]), guidance_scale=3.0, steps=3)
-    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (2, 3, 16, 16)
+    assert images.min() >= 0
+    assert images.max() <= 1
     alone = sd.sample(prompts[1:], sd.initial_noise([2]), guidance_scale=3.0, steps=3)
     torch.testing.assert_close(alone[0], images[1], atol=1e-4, rtol=0)
 
@@ -99,7 +103,8 @@ def test_missing_file_is_listed(sd_dir, tmp_path):
     (broken / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(StableDiffusionDirectoryError) as error:
         StableDiffusionGenerator.from_directory(broken, CLASS_NAMES)
-    assert "missing vae/ files" in str(error.value) and "missing scheduler/scheduler_config.json" in str(error.value)
+    assert "missing vae/ files" in str(error.value)
+    assert "missing scheduler/scheduler_config.json" in str(error.value)
 
 
 def test_lfs_pointer_is_named(sd_dir, tmp_path):
@@ -110,7 +115,9 @@ def test_lfs_pointer_is_named(sd_dir, tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 3400000000\n"
     )
-    with pytest.raises(StableDiffusionDirectoryError, match="unet/diffusion_pytorch_model.safetensors is a git-LFS pointer"):
+    with pytest.raises(
+        StableDiffusionDirectoryError, match=r"unet/diffusion_pytorch_model\.safetensors is a git-LFS pointer"
+    ):
         check_directory(broken)
 
 
@@ -140,8 +147,10 @@ def test_v_prediction_is_converted_to_epsilon(tmp_path):
 def test_auto_attention_on_cpu_is_sdpa_with_the_reason(sd):
     backend, reason = attention.resolve_attention("auto", "cpu")
     assert backend == "sdpa"
-    assert "xformers" in reason and ("not installed" in reason or "CUDA tensors" in reason)
-    assert sd.attention == "sdpa" and sd.attention_reason == reason
+    assert "xformers" in reason
+    assert "not installed" in reason or "CUDA tensors" in reason
+    assert sd.attention == "sdpa"
+    assert sd.attention_reason == reason
     processors = {type(p).__name__ for p in sd.denoiser.attn_processors.values()}
     assert processors == {"AttnProcessor2_0"}
 
@@ -157,7 +166,9 @@ def test_plain_attention_gives_the_same_images(sd_dir, sd):
     plain = StableDiffusionGenerator.from_directory(sd_dir, CLASS_NAMES, attention="plain")
     assert {type(p).__name__ for p in plain.denoiser.attn_processors.values()} == {"AttnProcessor"}
     prompts, noise = sd.class_prompt_embeds([0]), sd.initial_noise([4])
-    torch.testing.assert_close(plain.sample(prompts, noise, steps=2), sd.sample(prompts, noise, steps=2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        plain.sample(prompts, noise, steps=2), sd.sample(prompts, noise, steps=2), atol=1e-4, rtol=0
+    )
 
 
 def test_unknown_attention_is_rejected():

@@ -54,8 +54,16 @@ def _batch(gen, n=8):
 
 
 def _config(**overrides) -> ILPOConfig:
-    values = dict(prompt_steps=6, prompt_lr=0.1, steps=STEPS, grad_steps=1, drift_weight=0.0, patience=3,
-                  min_improvement=0.0, progress=False)  # fmt: skip
+    values = {
+        "prompt_steps": 6,
+        "prompt_lr": 0.1,
+        "steps": STEPS,
+        "grad_steps": 1,
+        "drift_weight": 0.0,
+        "patience": 3,
+        "min_improvement": 0.0,
+        "progress": False,
+    }
     return ILPOConfig(**(values | overrides))
 
 
@@ -103,8 +111,9 @@ def test_embed_max_distance_bounds_every_prompt(gen, valuation):
 def test_class_consistency_drift_runs_and_is_part_of_the_objective(gen, valuation):
     labels, noise = _batch(gen)
     _, plain = optimise_prompts(gen, valuation, labels, noise, _config(prompt_steps=1))
-    _, drifted = optimise_prompts(gen, valuation, labels, noise, _config(prompt_steps=1, drift="class_consistency",
-                                                                        drift_weight=1.0))  # fmt: skip
+    _, drifted = optimise_prompts(
+        gen, valuation, labels, noise, _config(prompt_steps=1, drift="class_consistency", drift_weight=1.0)
+    )
     # J = u - CE: at the start both see the same image, so the objectives differ by exactly the CE.
     images = gen.sample(gen.class_prompt_embeds(labels), noise, guidance_scale=2.0, steps=STEPS)
     ce = torch.nn.functional.cross_entropy(valuation.classifier(images), labels, reduction="none")
@@ -172,13 +181,16 @@ def test_optimise_instances_makes_a_deterministic_ilpo_pool(gen, valuation):
     labels, seeds = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([7, 8, 9, 10, 11])
     config = _config(prompt_steps=2, noise_strategy="redenoise", batch_size=3)
     pool, history = optimise_instances(gen, valuation, labels, seeds, config, round=2)
-    assert isinstance(pool, SyntheticPool) and len(pool) == 5
-    assert set(pool.stages) == {"ilpo"} and pool.rounds.tolist() == [2] * 5
+    assert isinstance(pool, SyntheticPool)
+    assert len(pool) == 5
+    assert set(pool.stages) == {"ilpo"}
+    assert pool.rounds.tolist() == [2] * 5
     assert len(history.prompt) == 2  # two batches
     torch.testing.assert_close(pool.utilities, valuation.score(pool.images, labels))
     # The pool remakes its images from its own prompts and noises.
-    torch.testing.assert_close(pool.images, gen.sample(pool.prompt_embeds, pool.noises, guidance_scale=2.0,
-                                                       steps=STEPS), atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        pool.images, gen.sample(pool.prompt_embeds, pool.noises, guidance_scale=2.0, steps=STEPS), atol=1e-5, rtol=0
+    )
     again, _ = optimise_instances(gen, valuation, labels, seeds, config, round=2)
     torch.testing.assert_close(again.images, pool.images, atol=0, rtol=0)
     torch.testing.assert_close(again.prompt_embeds, pool.prompt_embeds, atol=0, rtol=0)
@@ -209,17 +221,34 @@ def _tiny_clip_directory(directory):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     _write_clip_tokenizer_files(directory / "_tokenizer_source")
-    tokenizer = CLIPTokenizer(str(directory / "_tokenizer_source" / "vocab.json"),
-                              str(directory / "_tokenizer_source" / "merges.txt"), model_max_length=16)  # fmt: skip
+    tokenizer = CLIPTokenizer(
+        str(directory / "_tokenizer_source" / "vocab.json"),
+        str(directory / "_tokenizer_source" / "merges.txt"),
+        model_max_length=16,
+    )
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=4),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "image_size": 16,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+        },
         projection_dim=16,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -233,14 +262,15 @@ def test_clip_alignment_term_lowers_the_clip_penalty(gen, valuation, tmp_path):
     labels, noise = _batch(gen)
     images = torch.rand(8, 1, 8, 8, requires_grad=True)
     penalty = clip.penalty(images, labels)
-    assert penalty.shape == (8,) and bool(((penalty >= 0) & (penalty <= 2)).all())
+    assert penalty.shape == (8,)
+    assert bool(((penalty >= 0) & (penalty <= 2)).all())
     (grad,) = torch.autograd.grad(penalty.sum(), images)
     assert grad.abs().sum() > 0
     with pytest.raises(ValueError, match="ClipAlignment"):
         optimise_prompts(gen, valuation, labels, noise, _config(clip_weight=1.0))
     # Only the CLIP term in the objective (utility weight cannot be switched off, so make it tiny in
     # comparison): the penalty of the generated images goes down.
-    prompts, history = optimise_prompts(gen, valuation, labels, noise, _config(clip_weight=100.0), clip)
+    prompts, _history = optimise_prompts(gen, valuation, labels, noise, _config(clip_weight=100.0), clip)
     plain = gen.sample(gen.class_prompt_embeds(labels), noise, guidance_scale=2.0, steps=STEPS)
     optimised = gen.sample(prompts, noise, guidance_scale=2.0, steps=STEPS)
     with torch.no_grad():
@@ -259,7 +289,8 @@ def test_ilpo_runs_on_the_stable_diffusion_backend(tmp_path):
     labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
     config = _config(prompt_steps=3, noise_strategy="gradient", noise_steps=2, steps=3, embed_max_distance=0.5)
     pool, history = optimise_instances(sd, valuation, labels, seeds, config)
-    assert pool.images.shape == (3, 3, 16, 16) and pool.prompt_embeds.shape == (3, 16, 32)
+    assert pool.images.shape == (3, 3, 16, 16)
+    assert pool.prompt_embeds.shape == (3, 16, 32)
     torch.testing.assert_close(pool.noises.flatten(1).norm(dim=1), torch.full((3,), 16.0), atol=1e-3, rtol=0)
     anchor = sd.class_prompt_embeds(labels)
     assert float((pool.prompt_embeds - anchor).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
@@ -274,7 +305,10 @@ def test_repair_mode_moves_only_the_instances_below_the_threshold(gen, valuation
     prompts, history = optimise_prompts(gen, valuation, labels, noise, _config(ascend_below=threshold))
     moved = (prompts - gen.class_prompt_embeds(labels)).flatten(1).norm(dim=1) > 0  # (8,)
     below = history.utility_before < threshold
-    assert bool(below.any()) and bool((~below).any())
-    assert not bool(moved[~below].any()) and bool(moved.any())  # at or above: the class prompt, exactly
-    assert bool((history.stopped_at[~below] == 0).all()) and bool((history.stopped_at[below] > 0).all())
+    assert bool(below.any())
+    assert bool((~below).any())
+    assert not bool(moved[~below].any())
+    assert bool(moved.any())
+    assert bool((history.stopped_at[~below] == 0).all())
+    assert bool((history.stopped_at[below] > 0).all())
     assert float(history.utility_after[below].mean()) > float(history.utility_before[below].mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -71,24 +72,26 @@ def assert_problems_close(actual: Problem, expected: Problem, atol=1e-5, rtol=1e
     got, want = state_tensors(actual), state_tensors(expected)
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(got[name].float(), want[name].float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name].float(), want[name].float(), atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def full_options(n: int, embed: torch.Tensor, *, optimizer: str, momentum: float) -> dict:
     """Every feature on: per-instance lr, mask, weight decay, maximize, shell, anchor ball."""
     anchor = embed.float().mul(0.5).to(embed.dtype)  # (N, L, D): the ball is off-centre from the start
-    return dict(
-        optimizer=optimizer,
-        momentum=momentum,
-        noise_lr=torch.linspace(0.01, 0.2, n, device=DEVICE),
-        embed_lr=torch.linspace(0.05, 0.01, n, device=DEVICE),
-        weight_decay=0.01,
-        maximize=True,
-        active=(torch.arange(n, device=DEVICE) % 3 != 1),
-        project_noise=True,
-        embed_anchor=anchor,
-        embed_max_distance=torch.linspace(0.0, 2.0 * math.sqrt(embed[0].numel()), n, device=DEVICE),
-    )
+    return {
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "noise_lr": torch.linspace(0.01, 0.2, n, device=DEVICE),
+        "embed_lr": torch.linspace(0.05, 0.01, n, device=DEVICE),
+        "weight_decay": 0.01,
+        "maximize": True,
+        "active": (torch.arange(n, device=DEVICE) % 3 != 1),
+        "project_noise": True,
+        "embed_anchor": anchor,
+        "embed_max_distance": torch.linspace(0.0, 2.0 * math.sqrt(embed[0].numel()), n, device=DEVICE),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +101,9 @@ def full_options(n: int, embed: torch.Tensor, *, optimizer: str, momentum: float
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("optimizer,momentum", [("adam", 0.0), ("sgd", 0.9), ("sgd", 0.0)], ids=["adam", "sgd_momentum", "sgd"])
+@pytest.mark.parametrize(
+    ("optimizer", "momentum"), [("adam", 0.0), ("sgd", 0.9), ("sgd", 0.0)], ids=["adam", "sgd_momentum", "sgd"]
+)
 def test_backend_matches_reference_with_every_option(backend, shape, optimizer, momentum):
     problem = make_problem(shape, optimizer=optimizer, momentum=momentum)
     options = full_options(shape[0], problem.embed, optimizer=optimizer, momentum=momentum)
@@ -111,7 +116,7 @@ def test_backend_matches_reference_with_every_option(backend, shape, optimizer, 
 @pytest.mark.parametrize("parts", [("noise",), ("embed",)], ids=["noise_only", "embed_only"])
 def test_backend_matches_reference_with_one_part(backend, parts):
     problem = make_problem(SHAPES["odd"], parts=parts)
-    options = dict(noise_lr=0.1, embed_lr=0.05, project_noise="noise" in parts)
+    options = {"noise_lr": 0.1, "embed_lr": 0.05, "project_noise": "noise" in parts}
     if "embed" in parts:
         options.update(embed_anchor=problem.embed[0].clone(), embed_max_distance=1.0)  # (L, D): one shared anchor
     expected = run_steps(clone_problem(problem), update=latent_update_reference, **options)
@@ -154,7 +159,7 @@ def test_cpp_result_does_not_depend_on_thread_count():
                 results.append((shape, run_steps(clone_problem(problem), backend="cpp", **options)))
             finally:
                 torch.set_num_threads(before)
-    for (shape_a, a), (shape_b, b) in zip(results, results[1:]):
+    for (shape_a, a), (shape_b, b) in itertools.pairwise(results):
         if shape_a == shape_b:
             for name, tensor in state_tensors(a).items():
                 assert torch.equal(tensor, state_tensors(b)[name]), name
@@ -170,8 +175,16 @@ def test_inactive_instances_are_untouched(backend):
     problem = make_problem(SHAPES["odd"])
     active = torch.tensor([True, False, True, False, False], device=DEVICE)
     before = {k: v.clone() for k, v in state_tensors(problem).items()}
-    run_steps(problem, backend=backend, noise_lr=0.1, embed_lr=0.1, active=active, project_noise=True,
-              embed_anchor=problem.embed.clone(), embed_max_distance=0.01)
+    run_steps(
+        problem,
+        backend=backend,
+        noise_lr=0.1,
+        embed_lr=0.1,
+        active=active,
+        project_noise=True,
+        embed_anchor=problem.embed.clone(),
+        embed_max_distance=0.01,
+    )
     for name, tensor in state_tensors(problem).items():
         assert torch.equal(tensor[~active], before[name][~active]), name
         assert not torch.equal(tensor[active], before[name][active]), name
@@ -226,9 +239,9 @@ def torch_optim_per_instance(problem: Problem, make_optimizer, lrs: tuple[list[f
     return result
 
 
-@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, True)], ids=["plain", "decay_maximize"])
+@pytest.mark.parametrize(("weight_decay", "maximize"), [(0.0, False), (0.1, True)], ids=["plain", "decay_maximize"])
 @pytest.mark.parametrize(
-    "optimizer,momentum", [("adam", 0.0), ("sgd", 0.9), ("sgd", 0.0)], ids=["adam", "sgd_momentum", "sgd"]
+    ("optimizer", "momentum"), [("adam", 0.0), ("sgd", 0.9), ("sgd", 0.0)], ids=["adam", "sgd_momentum", "sgd"]
 )
 def test_reference_matches_torch_optim_per_instance(optimizer, momentum, weight_decay, maximize):
     problem = make_problem(SHAPES["odd"], optimizer=optimizer, momentum=momentum)
@@ -243,10 +256,16 @@ def test_reference_matches_torch_optim_per_instance(optimizer, momentum, weight_
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
 
     expected = torch_optim_per_instance(problem, make_optimizer, (noise_lrs, embed_lrs))
-    extra = dict(betas=betas) if optimizer == "adam" else dict(momentum=momentum)
+    extra = {"betas": betas} if optimizer == "adam" else {"momentum": momentum}
     actual = run_steps(
-        clone_problem(problem), update=latent_update_reference, optimizer=optimizer, weight_decay=weight_decay,
-        maximize=maximize, noise_lr=torch.tensor(noise_lrs), embed_lr=torch.tensor(embed_lrs), **extra,
+        clone_problem(problem),
+        update=latent_update_reference,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        noise_lr=torch.tensor(noise_lrs),
+        embed_lr=torch.tensor(embed_lrs),
+        **extra,
     )
     for name in ("noise", "embed"):  # deltas from the start point, so tolerance is relative to the step
         start = getattr(problem, name)
@@ -256,10 +275,13 @@ def test_reference_matches_torch_optim_per_instance(optimizer, momentum, weight_
 def test_adam_bias_correction_uses_each_instance_step():
     """Instance 0 steps three times, instance 1 once: its last step equals a fresh Adam's first."""
     problem = make_problem(SHAPES["odd"], parts=("noise",))
-    masks = [torch.tensor([True, False, False, False, False]), torch.tensor([True, False, False, False, False]),
-             torch.tensor([True, True, False, False, False])]
+    masks = [
+        torch.tensor([True, False, False, False, False]),
+        torch.tensor([True, False, False, False, False]),
+        torch.tensor([True, True, False, False, False]),
+    ]
     start = problem.noise.clone()
-    for (noise_grad, _), active in zip(problem.grads, masks):
+    for (noise_grad, _), active in zip(problem.grads, masks, strict=True):
         latent_update_reference(problem.noise, noise_grad, None, None, problem.state, noise_lr=0.1, active=active)
     fresh = torch.nn.Parameter(start[1].clone())
     opt = torch.optim.Adam([fresh], lr=0.1)
@@ -279,13 +301,29 @@ def test_opcheck(backend):
     problem = make_problem((2, 2, 3, 4, 3, 5))
     n = 2
     args = (
-        problem.noise, problem.grads[0][0], problem.state.noise_exp_avg, problem.state.noise_exp_avg_sq,
+        problem.noise,
+        problem.grads[0][0],
+        problem.state.noise_exp_avg,
+        problem.state.noise_exp_avg_sq,
         torch.full((n,), 0.1, device=DEVICE),
-        problem.embed, problem.grads[0][1], problem.state.embed_exp_avg, problem.state.embed_exp_avg_sq,
+        problem.embed,
+        problem.grads[0][1],
+        problem.state.embed_exp_avg,
+        problem.state.embed_exp_avg_sq,
         torch.full((n,), 0.05, device=DEVICE),
-        problem.embed.clone(), torch.full((n,), 0.01, device=DEVICE),
-        problem.state.step, torch.tensor([True, False], device=DEVICE),
-        "adam", 0.9, 0.999, 1e-8, 0.0, 0.0, False, True, backend,
+        problem.embed.clone(),
+        torch.full((n,), 0.01, device=DEVICE),
+        problem.state.step,
+        torch.tensor([True, False], device=DEVICE),
+        "adam",
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        0.0,
+        False,
+        True,
+        backend,
     )
     torch.library.opcheck(torch.ops.utilgen.latent_update.default, args)
 
@@ -295,7 +333,9 @@ def test_leaf_parameters_requiring_grad_are_updated_without_a_graph():
     noise = problem.noise.clone().requires_grad_(True)
     embed = problem.embed.clone().requires_grad_(True)
     latent_update(noise, problem.grads[0][0], embed, problem.grads[0][1], problem.state, noise_lr=0.1, embed_lr=0.1)
-    assert noise.grad_fn is None and embed.grad_fn is None and noise.requires_grad
+    assert noise.grad_fn is None
+    assert embed.grad_fn is None
+    assert noise.requires_grad
     assert not torch.equal(noise.detach(), problem.noise)
 
 
@@ -305,30 +345,43 @@ def test_leaf_parameters_requiring_grad_are_updated_without_a_graph():
 
 
 def _call(problem: Problem, **overrides):
-    kwargs = dict(noise=problem.noise, noise_grad=problem.grads[0][0], embed=problem.embed,
-                  embed_grad=problem.grads[0][1], state=problem.state, noise_lr=0.1, embed_lr=0.1)
+    kwargs = {
+        "noise": problem.noise,
+        "noise_grad": problem.grads[0][0],
+        "embed": problem.embed,
+        "embed_grad": problem.grads[0][1],
+        "state": problem.state,
+        "noise_lr": 0.1,
+        "embed_lr": 0.1,
+    }
     kwargs.update(overrides)
     latent_update(**kwargs)
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    ("override", "message"),
     [
-        (lambda p: dict(noise_grad=p.grads[0][0].double()), "noise_grad has dtype float64"),
-        (lambda p: dict(noise=p.noise.to(torch.int32)), "noise has dtype int32"),
-        (lambda p: dict(embed_grad=p.grads[0][1].to("meta")), "embed_grad is on meta"),
-        (lambda p: dict(embed_grad=p.grads[0][1][:, :3]), r"embed_grad has shape \(5, 3, 13\)"),
-        (lambda p: dict(noise=p.noise[:3], noise_grad=p.grads[0][0][:3]), "noise has N=3"),
-        (lambda p: dict(noise_grad=p.grads[0][0].transpose(2, 3).contiguous().transpose(2, 3)), r"call \.contiguous\(\)"),
-        (lambda p: dict(optimizer="adagrad"), "optimizer='adagrad' is not supported"),
-        (lambda p: dict(state=LatentUpdateState.zeros_like(p.noise, None)), "state.embed_exp_avg is None"),
-        (lambda p: dict(noise_lr=torch.ones(4)), r"noise_lr has shape \(4,\)"),
-        (lambda p: dict(active=torch.ones(5)), "active has dtype float32"),
-        (lambda p: dict(embed_anchor=p.embed), "embed_anchor and embed_max_distance go together"),
-        (lambda p: dict(embed_anchor=p.embed[:, :2].contiguous(), embed_max_distance=1.0), "embed_anchor has shape"),
-        (lambda p: dict(momentum=0.9), "momentum applies to optimizer='sgd'"),
-        (lambda p: dict(embed_lr=None), "embed_lr is required"),
-        (lambda p: dict(noise=p.noise.flatten(2), noise_grad=p.grads[0][0].flatten(2)), r"noise must have shape \(N, C, H, W\)"),
+        (lambda p: {"noise_grad": p.grads[0][0].double()}, "noise_grad has dtype float64"),
+        (lambda p: {"noise": p.noise.to(torch.int32)}, "noise has dtype int32"),
+        (lambda p: {"embed_grad": p.grads[0][1].to("meta")}, "embed_grad is on meta"),
+        (lambda p: {"embed_grad": p.grads[0][1][:, :3]}, r"embed_grad has shape \(5, 3, 13\)"),
+        (lambda p: {"noise": p.noise[:3], "noise_grad": p.grads[0][0][:3]}, "noise has N=3"),
+        (
+            lambda p: {"noise_grad": p.grads[0][0].transpose(2, 3).contiguous().transpose(2, 3)},
+            r"call \.contiguous\(\)",
+        ),
+        (lambda p: {"optimizer": "adagrad"}, "optimizer='adagrad' is not supported"),
+        (lambda p: {"state": LatentUpdateState.zeros_like(p.noise, None)}, "state.embed_exp_avg is None"),
+        (lambda p: {"noise_lr": torch.ones(4)}, r"noise_lr has shape \(4,\)"),
+        (lambda p: {"active": torch.ones(5)}, "active has dtype float32"),
+        (lambda p: {"embed_anchor": p.embed}, "embed_anchor and embed_max_distance go together"),
+        (lambda p: {"embed_anchor": p.embed[:, :2].contiguous(), "embed_max_distance": 1.0}, "embed_anchor has shape"),
+        (lambda p: {"momentum": 0.9}, "momentum applies to optimizer='sgd'"),
+        (lambda p: {"embed_lr": None}, "embed_lr is required"),
+        (
+            lambda p: {"noise": p.noise.flatten(2), "noise_grad": p.grads[0][0].flatten(2)},
+            r"noise must have shape \(N, C, H, W\)",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(override, message):
@@ -352,9 +405,25 @@ def test_cpp_entry_point_validates_its_arguments():
     problem = make_problem(SHAPES["odd"], parts=("noise",))
     from utilgen.ops.latent_update import _native_args, _prepare
 
-    args = _prepare(problem.noise, problem.grads[0][0], None, None, problem.state, optimizer="adam", noise_lr=0.1,
-                    embed_lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.0, maximize=False,
-                    active=None, project_noise=False, embed_anchor=None, embed_max_distance=None)
+    args = _prepare(
+        problem.noise,
+        problem.grads[0][0],
+        None,
+        None,
+        problem.state,
+        optimizer="adam",
+        noise_lr=0.1,
+        embed_lr=None,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        maximize=False,
+        active=None,
+        project_noise=False,
+        embed_anchor=None,
+        embed_max_distance=None,
+    )
     native = _native_args(args)
     with pytest.raises(ValueError, match="noise_exp_avg_sq is a null pointer"):
         module.latent_update_cpu(**dict(native, noise_exp_avg_sq=0), threads=1)

@@ -25,7 +25,7 @@ def _inputs(n, k, dtype=torch.float32, scale=3.0):
 
 
 @pytest.mark.parametrize("with_weight", [False, True])
-@pytest.mark.parametrize("n,k", [(3, 5), (37, 123)])
+@pytest.mark.parametrize(("n", "k"), [(3, 5), (37, 123)])
 def test_reference_equals_autograd_hessian_vector_product(n, k, with_weight):
     """d/dz <grad_z loss, v> of the (weighted) summed CE is w_i H_i v_i, for any targets."""
     logits, v, weight = (t.double() for t in _inputs(n, k))
@@ -52,13 +52,14 @@ def test_reference_row_is_hessian_matrix_times_v():
 
 @pytest.mark.parametrize("backend", backend_params(SUPPORT))
 @pytest.mark.parametrize("with_weight", [False, True])
-@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_backend_matches_reference(backend, n, k, with_weight):
     logits, v, weight = _inputs(n, k)
     weight = weight if with_weight else None
     expected = logit_hvp_reference(logits.double(), v.double(), None if weight is None else weight.double())
     got = logit_hvp(logits, v, weight, backend=backend)
-    assert got.dtype == torch.float32 and got.shape == (n, k)
+    assert got.dtype == torch.float32
+    assert got.shape == (n, k)
     # fp32: the softmax sum and <p, v> carry ~K ulp of rounding at worst.
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -84,7 +85,9 @@ def test_low_precision_error_within_twice_torch(backend, dtype):
     logits, v, weight = _inputs(256, 1000)
     exact = logit_hvp_reference(logits, v, weight)
     lo_logits, lo_v = logits.to(dtype), v.to(dtype)
-    torch_lo = (torch.softmax(lo_logits, 1) * lo_v - torch.softmax(lo_logits, 1) * (torch.softmax(lo_logits, 1) * lo_v).sum(1, keepdim=True))
+    torch_lo = torch.softmax(lo_logits, 1) * lo_v - torch.softmax(lo_logits, 1) * (
+        torch.softmax(lo_logits, 1) * lo_v
+    ).sum(1, keepdim=True)
     torch_error = (weight.unsqueeze(1) * torch_lo.float() - exact).abs().max()
     kernel_error = (logit_hvp(lo_logits, lo_v, weight, backend=backend).float() - exact).abs().max()
     assert kernel_error <= 2 * torch_error
@@ -95,11 +98,13 @@ def test_low_precision_error_within_twice_torch(backend, dtype):
 
 @pytest.mark.skipif(_native.extension() is None, reason="utilgen._C is not built")
 def test_cpp_exp_within_two_ulp():
-    x = torch.cat([
-        -torch.rand(1 << 18, dtype=torch.float64) * 87.3,
-        -torch.rand(1 << 14, dtype=torch.float64) * 1e-3,  # near 0: r small, 2^0
-        torch.tensor([0.0, -0.5 * 0.6931471805599453, -87.33, -1.0, -10.0], dtype=torch.float64),
-    ]).float()  # fmt: skip
+    x = torch.cat(
+        [
+            -torch.rand(1 << 18, dtype=torch.float64) * 87.3,
+            -torch.rand(1 << 14, dtype=torch.float64) * 1e-3,  # near 0: r small, 2^0
+            torch.tensor([0.0, -0.5 * 0.6931471805599453, -87.33, -1.0, -10.0], dtype=torch.float64),
+        ]
+    ).float()
     y = torch.empty_like(x)
     _native.extension().logit_hvp_exp_cpu(x.data_ptr(), y.data_ptr(), x.numel())
     exact = torch.exp(x.double())
@@ -112,7 +117,8 @@ def test_cpp_exp_underflows_to_zero_and_propagates_nan():
     x = torch.tensor([-87.4, -100.0, -1e30, float("-inf"), float("nan")])
     y = torch.full_like(x, 7.0)
     _native.extension().logit_hvp_exp_cpu(x.data_ptr(), y.data_ptr(), x.numel())
-    assert (y[:4] == 0).all() and torch.isnan(y[4])
+    assert (y[:4] == 0).all()
+    assert torch.isnan(y[4])
 
 
 # --------------------------------------------------------------------------- autograd
@@ -124,10 +130,12 @@ def test_gradients_wrt_v_and_weight(backend):
     logits, v, weight = _inputs(37, 123)
     grad_out = torch.randn(37, 123, device=DEVICE)  # (N, K)
     v_ref, w_ref = v.double().requires_grad_(True), weight.double().requires_grad_(True)
-    expected = torch.autograd.grad(logit_hvp_reference(logits.double(), v_ref, w_ref), (v_ref, w_ref), grad_out.double())
+    expected = torch.autograd.grad(
+        logit_hvp_reference(logits.double(), v_ref, w_ref), (v_ref, w_ref), grad_out.double()
+    )
     v_k, w_k = v.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     got = torch.autograd.grad(logit_hvp(logits, v_k, w_k, backend=backend), (v_k, w_k), grad_out)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6)
 
 
@@ -159,7 +167,7 @@ def test_reference_backend_differentiates_through_logits():
 @pytest.mark.parametrize("backend", [b for b in backend_params(SUPPORT) if b.values[0] != "reference"])
 def test_kernel_refuses_logits_gradient(backend):
     logits, v, _ = _inputs(4, 9)
-    with pytest.raises(RuntimeError, match="logits.detach"):
+    with pytest.raises(RuntimeError, match=r"logits\.detach"):
         logit_hvp(logits.requires_grad_(True), v, backend=backend)
     # Under no_grad the same call is fine: nothing will be differentiated.
     with torch.no_grad():

@@ -61,7 +61,7 @@ def test_exact_hvp_equals_hessian_matrix_times_v():
 
     def flat_loss(theta):
         chunks = torch.split(theta, sizes)
-        return loss_fn({n: c.view(s) for n, c, s in zip(names, chunks, shapes)})
+        return loss_fn({n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)})
 
     hessian = torch.autograd.functional.hessian(flat_loss, _flat(params))  # (P, P)
     torch.testing.assert_close(_flat(hvp(loss_fn, params, v, method="exact")), hessian @ _flat(v))
@@ -92,12 +92,15 @@ def test_finite_difference_restores_params_bit_exactly(dtype):
     _, loss_fn, params, v = _problem(dtype)
     # Values that x + d - d does not give back: far below |d|, and next to powers of two.
     params["0.weight"].view(-1)[:4] = torch.tensor([1e-30, -3e-20, 1.0, -2.0], dtype=dtype)
-    params["0.weight"].view(-1)[4:8] = torch.nextafter(torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    params["0.weight"].view(-1)[4:8] = torch.nextafter(
+        torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=dtype), torch.tensor(0.0, dtype=dtype)
+    )
     before = {name: p.clone() for name, p in params.items()}
     hvp(loss_fn, params, v, method="finite_difference", eps=1e-2)
     for name in params:
         assert torch.equal(params[name], before[name]), name
-        assert not params[name].requires_grad and params[name].grad is None
+        assert not params[name].requires_grad
+        assert params[name].grad is None
 
 
 def test_naive_shift_would_not_restore():
@@ -125,7 +128,9 @@ def test_finite_difference_on_module_parameters_with_functional_call():
     got = hvp(loss_fn, params, v, method="finite_difference")
     assert _relative_error(got, expected) < 1e-8
     for name, p in params.items():
-        assert torch.equal(p.detach(), before[name]) and p.requires_grad and p.grad is existing[name]
+        assert torch.equal(p.detach(), before[name])
+        assert p.requires_grad
+        assert p.grad is existing[name]
 
 
 def test_unused_parameter_gives_zero_product():
@@ -143,7 +148,7 @@ def test_hvp_rejects_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         hvp(loss_fn, params, v, method="newton")
     with pytest.raises(ValueError, match="missing"):
-        hvp(loss_fn, params, {k: t for k, t in list(v.items())[1:]})
+        hvp(loss_fn, params, dict(list(v.items())[1:]))
     non_leaf = {k: t * 1.0 for k, t in params.items()}
     non_leaf["0.bias"] = params["0.bias"].clone().requires_grad_(True) * 2.0
     with pytest.raises(ValueError, match="not a leaf"):
@@ -169,11 +174,11 @@ def _explicit_directional(model, params, inputs, targets, direction):
         leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
         loss = F.cross_entropy(functional_call(model, leaves, (inputs[i : i + 1],)), targets[i : i + 1])
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        out.append(sum((g * direction[k]).sum() for g, k in zip(grads, leaves)))
+        out.append(sum((g * direction[k]).sum() for g, k in zip(grads, leaves, strict=True)))
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("make_model,input_shape,classes", [(_mlp, (6,), 4), (_cnn, (1, 8, 8), 5)])
+@pytest.mark.parametrize(("make_model", "input_shape", "classes"), [(_mlp, (6,), 4), (_cnn, (1, 8, 8), 5)])
 def test_directional_derivative_equals_per_sample_gradients(make_model, input_shape, classes):
     model = make_model(torch.float32)
     n = 9
@@ -186,7 +191,8 @@ def test_directional_derivative_equals_per_sample_gradients(make_model, input_sh
 
     out = per_sample_directional_derivative(model_fn, params, inputs, targets, direction, backend=WCE_BACKEND)
     expected = _explicit_directional(model, params, inputs, targets, direction)
-    assert out.directional.shape == (n,) and out.per_sample_loss.shape == (n,)
+    assert out.directional.shape == (n,)
+    assert out.per_sample_loss.shape == (n,)
     torch.testing.assert_close(out.directional, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.per_sample_loss, F.cross_entropy(model(inputs), targets, reduction="none").detach())
     assert not out.directional.requires_grad
@@ -199,9 +205,13 @@ def test_directional_derivative_rejects_mismatched_direction():
     direction["0.weight"] = torch.randn(3, 3)
     with pytest.raises(ValueError, match="shape"):
         per_sample_directional_derivative(
-            lambda p, x: functional_call(model, p, (x,)), params, torch.randn(2, 6), torch.zeros(2, dtype=torch.long),
-            direction, backend=WCE_BACKEND,
-        )  # fmt: skip
+            lambda p, x: functional_call(model, p, (x,)),
+            params,
+            torch.randn(2, 6),
+            torch.zeros(2, dtype=torch.long),
+            direction,
+            backend=WCE_BACKEND,
+        )
 
 
 def _weight_net():
@@ -209,7 +219,7 @@ def _weight_net():
     return nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid())
 
 
-@pytest.mark.parametrize("make_model,input_shape,classes", [(_mlp, (6,), 4), (_cnn, (1, 8, 8), 5)])
+@pytest.mark.parametrize(("make_model", "input_shape", "classes"), [(_mlp, (6,), 4), (_cnn, (1, 8, 8), 5)])
 def test_meta_gradient_identity_matches_unrolled_double_backward(make_model, input_shape, classes):
     """dL_v(theta')/dphi = -(a/N) sum_i (dw_i/dphi) s_i, s_i = <grad l_i(theta), grad L_v(theta')>."""
     classifier, weight_net = make_model(torch.float32), _weight_net()
@@ -227,19 +237,19 @@ def test_meta_gradient_identity_matches_unrolled_double_backward(make_model, inp
     losses = F.cross_entropy(model_fn(leaves, x), y, reduction="none")  # (N,)
     w = weight_net(losses.detach().unsqueeze(1)).squeeze(1)  # (N,)
     grads = torch.autograd.grad((w * losses).sum() / n, list(leaves.values()), create_graph=True)
-    theta_virtual = {k: leaves[k] - lr * g for k, g in zip(leaves, grads)}
+    theta_virtual = {k: leaves[k] - lr * g for k, g in zip(leaves, grads, strict=True)}
     val_loss = F.cross_entropy(model_fn(theta_virtual, x_val), y_val)
     exact = torch.autograd.grad(val_loss, phi)
 
     # Identity: g at theta', s by forward mode at theta, one VJP of the weight net.
     virtual = {k: t.detach().requires_grad_(True) for k, t in theta_virtual.items()}
     g = torch.autograd.grad(F.cross_entropy(model_fn(virtual, x_val), y_val), list(virtual.values()))
-    direction = dict(zip(virtual, g))
+    direction = dict(zip(virtual, g, strict=True))
     out = per_sample_directional_derivative(model_fn, theta, x, y, direction, backend=WCE_BACKEND)
     torch.testing.assert_close(out.per_sample_loss, losses.detach())
     w_again = weight_net(out.per_sample_loss.unsqueeze(1)).squeeze(1)  # (N,)
     identity = torch.autograd.grad(w_again, phi, grad_outputs=-(lr / n) * out.directional)
 
-    for got, expected in zip(identity, exact):
+    for got, expected in zip(identity, exact, strict=True):
         assert expected.abs().max() > 0  # the check is not vacuous
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)

@@ -40,7 +40,9 @@ def _pairs(n: int = 24, classes: int = 3, per_class: int = 3, seed: int = 0):
 
 def _base_state(denoiser) -> dict[str, torch.Tensor]:
     """Every non-adapter weight, keyed by its name in the plain (adapter-free) model."""
-    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in denoiser.state_dict().items() if "lora_" not in k}
+    return {
+        k.replace(".base_layer", ""): v.detach().clone() for k, v in denoiser.state_dict().items() if "lora_" not in k
+    }
 
 
 def _denoise(generator, seed: int = 0) -> torch.Tensor:
@@ -57,7 +59,9 @@ def _denoise(generator, seed: int = 0) -> torch.Tensor:
 def test_pairs_match_highest_with_lowest_within_each_class():
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     utilities = torch.tensor([0.5, 0.9, 0.1, 0.3, 0.7, 0.2, 0.8, 0.6, 0.4, 0.95, 0.05])
-    pairs = build_pairs(torch.rand(11, 1, 4, 4), labels, utilities, torch.arange(11) * 10, pairs_per_class=5, min_gap=0.0)
+    pairs = build_pairs(
+        torch.rand(11, 1, 4, 4), labels, utilities, torch.arange(11) * 10, pairs_per_class=5, min_gap=0.0
+    )
     # class 0 by utility: 1 (.9), 4 (.7), 0 (.5), 3 (.3), 2 (.1) -> (1, 2), (4, 3); the median is left out
     # class 1: 9 (.95), 6 (.8), 7 (.6), 8 (.4), 5 (.2), 10 (.05) -> (9, 10), (6, 5), (7, 8)
     assert pairs.winners.tolist() == [1, 4, 9, 6, 7]
@@ -76,7 +80,8 @@ def test_pairs_per_class_caps_the_count_and_near_ties_are_skipped():
     assert capped.counts_per_class(2) == [1, 1]
     gapped = build_pairs(images, labels, utilities, torch.arange(10), pairs_per_class=3, min_gap=0.1)
     # class 0 gaps: 0.8, 0.6, 0.05 (near-tie, dropped); class 1 gaps 0.03, 0.01: all near-ties
-    assert gapped.winners.tolist() == [0, 1] and gapped.losers.tolist() == [5, 4]
+    assert gapped.winners.tolist() == [0, 1]
+    assert gapped.losers.tolist() == [5, 4]
     assert gapped.counts_per_class(2) == [2, 0]
 
 
@@ -96,10 +101,13 @@ def test_generate_candidates_returns_a_valued_pool():
             return images.mean(dim=(1, 2, 3))
 
     pool = generate_candidates(generator, Brightness(), [2, 0], per_class=3, seeds=range(6), steps=2)
-    assert len(pool) == 6 and set(pool.stages) == {CANDIDATE_STAGE}
-    assert pool.labels.tolist() == [2, 2, 2, 0, 0, 0] and pool.seeds.tolist() == list(range(6))
+    assert len(pool) == 6
+    assert set(pool.stages) == {CANDIDATE_STAGE}
+    assert pool.labels.tolist() == [2, 2, 2, 0, 0, 0]
+    assert pool.seeds.tolist() == list(range(6))
     torch.testing.assert_close(pool.utilities, pool.images.mean(dim=(1, 2, 3)))
-    assert pool.noises is not None and pool.prompt_embeds is not None
+    assert pool.noises is not None
+    assert pool.prompt_embeds is not None
 
 
 # --------------------------------------------------------------------------- the loss
@@ -110,7 +118,7 @@ def test_dpo_loss_equals_the_formula_on_fixed_numbers():
     ref_w, ref_l = torch.tensor([0.12, 0.25, 0.20]), torch.tensor([0.18, 0.12, 0.20])
     beta = 7.0
     expected = []
-    for mw, ml, rw, rl in zip(model_w.tolist(), model_l.tolist(), ref_w.tolist(), ref_l.tolist()):
+    for mw, ml, rw, rl in zip(model_w.tolist(), model_l.tolist(), ref_w.tolist(), ref_l.tolist(), strict=True):
         x = -beta * ((mw - rw) - (ml - rl))
         expected.append(-math.log(1 / (1 + math.exp(-x))))
     loss = dpo_loss(model_w, model_l, ref_w, ref_l, beta)
@@ -138,9 +146,11 @@ def test_dpo_gradient_reaches_only_the_adapter_and_the_reference_is_the_original
     dpo_loss(model_w, model_l, ref_w, ref_l, 2500.0).backward()
     for name, p in generator.denoiser.named_parameters():
         if name in params:
-            assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+            assert p.grad is not None, name
+            assert bool(p.grad.abs().sum() > 0), name
         else:
-            assert p.grad is None and not p.requires_grad, name
+            assert p.grad is None, name
+            assert not p.requires_grad, name
     # the reference: the same network with the adapter off is the original model, bit for bit
     plain = copy.copy(generator)
     plain.denoiser = original
@@ -158,10 +168,13 @@ def test_round_trains_only_the_adapter_and_raises_implicit_accuracy_on_its_pairs
     before = evaluate_pairs(generator, pairs, beta=config.beta)
     result = train_dpo_round(generator, pairs, config)
     after = evaluate_pairs(generator, pairs, beta=config.beta)
-    assert before.implicit_acc == 0.5 and before.loss == pytest.approx(math.log(2))
-    assert after.implicit_acc >= 0.7 and after.loss < before.loss - 0.1
+    assert before.implicit_acc == 0.5
+    assert before.loss == pytest.approx(math.log(2))
+    assert after.implicit_acc >= 0.7
+    assert after.loss < before.loss - 0.1
     assert after.mse_gap_winners < after.mse_gap_losers
-    assert result.steps_done == 60 and len(result.history.loss) == 60
+    assert result.steps_done == 60
+    assert len(result.history.loss) == 60
     assert all(math.isfinite(v) for v in result.history.mse_gap_winners + result.history.grad_norm)
     base_after = _base_state(generator.denoiser)
     assert base_after.keys() == base_before.keys()
@@ -176,7 +189,8 @@ def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter():
     with pytest.raises(DPONonFiniteError, match="at step") as caught:
         train_dpo_round(generator, pairs, config)
     step = caught.value.step
-    assert step >= 2 and caught.value.result.steps_done == step == len(caught.value.result.history.loss)
+    assert step >= 2
+    assert caught.value.result.steps_done == step == len(caught.value.result.history.loss)
     kept = {k: v.detach().clone() for k, v in adapter_parameters(generator.denoiser).items()}
     assert all(bool(torch.isfinite(v).all()) for v in kept.values())
     # the same run stopped before step - 1 ends at the weights the failing step's predecessor started from

@@ -13,13 +13,13 @@ from utilgen.models import CLASSIFIERS, WeightNet, build_classifier, per_sample_
 
 
 @pytest.mark.parametrize("name", ["cnn-small", "cnn-medium"])
-@pytest.mark.parametrize("channels,size", [(1, 16), (3, 32)])
+@pytest.mark.parametrize(("channels", "size"), [(1, 16), (3, 32)])
 def test_cnn_shapes(name, channels, size):
     model = build_classifier(name, num_classes=7, in_channels=channels, image_size=size)
     assert model(torch.rand(5, channels, size, size)).shape == (5, 7)
 
 
-@pytest.mark.parametrize("name,expected_millions", [("resnet18", 11.69), ("resnet50", 25.56)])
+@pytest.mark.parametrize(("name", "expected_millions"), [("resnet18", 11.69), ("resnet50", 25.56)])
 def test_resnet_parameter_counts_match_the_published_models(name, expected_millions):
     model = build_classifier(name, num_classes=1000, in_channels=3, image_size=224)
     count = sum(p.numel() for p in model.parameters()) / 1e6
@@ -65,7 +65,9 @@ def test_weight_net_default_is_meta_weight_net():
     shapes = [tuple(p.shape) for p in net.parameters()]
     assert shapes == [(100, 1), (100,), (1, 100), (1,)]
     weights = net(torch.linspace(0, 10, 50).unsqueeze(1))
-    assert weights.shape == (50,) and (weights >= 0).all() and (weights <= 1).all()
+    assert weights.shape == (50,)
+    assert (weights >= 0).all()
+    assert (weights <= 1).all()
 
 
 def test_weight_net_rejects_bad_features_and_shapes():
@@ -80,7 +82,8 @@ def test_per_sample_features():
     targets = torch.tensor([0, 0, 0])
     losses = F.cross_entropy(logits, targets, reduction="none")
     feats = per_sample_features(losses, logits, targets, ("loss", "entropy", "margin"))
-    assert feats.shape == (3, 3) and not feats.requires_grad
+    assert feats.shape == (3, 3)
+    assert not feats.requires_grad
     torch.testing.assert_close(feats[:, 0], losses)
     assert feats[0, 1] == pytest.approx(math.log(3))  # uniform: maximal entropy
     torch.testing.assert_close(feats[:, 2], torch.tensor([0.0, 4.0, -3.0]))  # negative when misclassified

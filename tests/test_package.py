@@ -31,10 +31,7 @@ def test_import_utilgen_is_lean():
 
 
 def test_import_ops_does_not_import_triton_or_initialise_cuda():
-    result = _run_python(
-        "import sys, utilgen.ops, torch; "
-        "print('triton' in sys.modules, torch.cuda.is_initialized())"
-    )
+    result = _run_python("import sys, utilgen.ops, torch; print('triton' in sys.modules, torch.cuda.is_initialized())")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False False"
 
@@ -65,11 +62,14 @@ def test_info_reports_extension_and_backends():
     if report["extension"]["loaded"]:
         assert cpu["auto"] == "cpp"
     else:
-        assert cpu["auto"] == "reference" and report["extension"]["reason"]
+        assert cpu["auto"] == "reference"
+        assert report["extension"]["reason"]
 
 
 def test_info_text_names_each_op_choice():
-    result = subprocess.run([sys.executable, "-m", "utilgen.run", "--info"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "utilgen.run", "--info"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for name in ("weighted_cross_entropy", "latent_update", "logit_hvp"):
         assert f"{name} [cpu, float32]: auto -> " in result.stdout
@@ -87,14 +87,23 @@ def test_extension_is_built_and_loaded():
 
 # Layers from DESIGN.md section 3: a module may import only its own layer or below.
 LAYERS = {
-    "_native": 0, "config": 0, "kernels": 0, "io": 0,
-    "ops": 1, "rundir": 1,
-    "data": 2, "models": 2,
-    "generator": 3, "valuation": 3,
+    "_native": 0,
+    "config": 0,
+    "kernels": 0,
+    "io": 0,
+    "ops": 1,
+    "rundir": 1,
+    "data": 2,
+    "models": 2,
+    "generator": 3,
+    "valuation": 3,
     "adaptation": 4,
-    "loop": 5, "evaluate": 5, "report": 5,
-    "run": 6, "pretrain": 6,
-}  # fmt: skip
+    "loop": 5,
+    "evaluate": 5,
+    "report": 5,
+    "run": 6,
+    "pretrain": 6,
+}
 
 
 def _layer_of(relative: Path) -> int | None:
@@ -153,21 +162,33 @@ _BLOCK_EXTENSION = "import sys; sys.modules['utilgen._C'] = None\n"  # makes `im
 
 def test_missing_extension_falls_back_with_a_reason():
     result = subprocess.run(
-        [sys.executable, "-c", _BLOCK_EXTENSION + "from utilgen import _native, ops\n"
-         "print(_native.extension() is None); print(_native.extension_reason()); print(ops.info()['ops']['weighted_cross_entropy']['cpu']['auto'])"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "0"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _BLOCK_EXTENSION + "from utilgen import _native, ops\n"
+            "print(_native.extension() is None); print(_native.extension_reason()); "
+            "print(ops.info()['ops']['weighted_cross_entropy']['cpu']['auto'])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "0"},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "True"
-    assert "utilgen._C did not import" in lines[1] and "pip install" in lines[1]
+    assert "utilgen._C did not import" in lines[1]
+    assert "pip install" in lines[1]
     assert lines[-1] == "reference"
 
 
 def test_required_extension_missing_is_an_error():
     result = subprocess.run(
         [sys.executable, "-c", _BLOCK_EXTENSION + "from utilgen import _native\n_native.extension()"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "UTILGEN_REQUIRE_EXTENSION": "1"},
+    )
     assert result.returncode != 0
     assert "UTILGEN_REQUIRE_EXTENSION=1 but utilgen._C did not import" in result.stderr

@@ -120,7 +120,8 @@ def test_full_report_writes_every_plot_as_a_valid_png(full_run):
             assert image.format == "PNG"
             width, height = image.size
             image.verify()
-        assert 300 <= width <= 3000 and 200 <= height <= 3000, (name, width, height)
+        assert 300 <= width <= 3000, (name, width)
+        assert 200 <= height <= 3000, (name, height)
     linked = set(re.findall(r"!\[[^\]]*\]\(plots/([^)]+)\)", text))
     assert linked == FULL_PLOTS  # every plot embedded, no dangling link
     assert "Skipped" not in text  # nothing missing in the full run
@@ -129,20 +130,31 @@ def test_full_report_writes_every_plot_as_a_valid_png(full_run):
 def test_full_report_sections_and_numbers(full_run):
     text = (full_run / "report.md").read_text()
     assert text.startswith("# UtilGen run report\n")
-    assert "| preset | smoke |" in text and "| seeds | 0, 1, 2 |" in text
+    assert "| preset | smoke |" in text
+    assert "| seeds | 0, 1, 2 |" in text
     assert "| 1 | 12 | 50.0 → 83.3 | 0.410 |" in text  # MLCO table
     assert "Mean utility of the optimised instances: 0.400 → 0.460 (+0.060)." in text
-    assert "| generate | 12.0 s | 11.8 |" in text and "| valuation | 90.0 s (1.5 min) | 88.2 |" in text
+    assert "| generate | 12.0 s | 11.8 |" in text
+    assert "| valuation | 90.0 s (1.5 min) | 88.2 |" in text
     assert "| **total** | 102.0 s (1.7 min) | 100.0 |" in text
-    assert "meta loss 1.500 → 0.900" in text and "real 0.620, synthetic 0.410" in text
+    assert "meta loss 1.500 → 0.900" in text
+    assert "real 0.620, synthetic 0.410" in text
     assert "ln K = 1.10 (K = 3)" in text  # K inferred from the pools' class list
     # pool0 has one NaN: 5 of 6 valued, mean over the finite ones
     assert "| pool0 | 6 | 5 | 0.180 | 0.200 |" in text
     # sections appear in reading order
     headings = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
-    assert headings == ["Experiment", "Test accuracy", "Synthetic utility", "Learned weight curve w(loss)",
-                        "MLCO (Diffusion-DPO rounds)", "ILPO (prompt and noise optimisation)", "Samples",
-                        "Stage timings", "Machine"]  # fmt: skip
+    assert headings == [
+        "Experiment",
+        "Test accuracy",
+        "Synthetic utility",
+        "Learned weight curve w(loss)",
+        "MLCO (Diffusion-DPO rounds)",
+        "ILPO (prompt and noise optimisation)",
+        "Samples",
+        "Stage timings",
+        "Machine",
+    ]
 
 
 def test_accuracy_table_numbers_and_format():
@@ -153,14 +165,17 @@ def test_accuracy_table_numbers_and_format():
     assert lines[2] == "| real-only | real | 48 | 71.0 ± 0.8 | 71.0, 70.0, 72.0 |"
     assert lines[5] == "| utilgen synthetic-only | synthetic only | 240 | 59.2 ± 0.6 | 58.5, 59.0, 60.0 |"
     assert lines[6] == "| utilgen joint | real + synthetic | 288 | 75.0 ± 0.8 | 75.0, 74.0, 76.0 |"
-    assert len(lines) == 2 + len(ACCURACY) and table.endswith("\n")
+    assert len(lines) == 2 + len(ACCURACY)
+    assert table.endswith("\n")
 
 
 def test_accuracy_table_fills_in_and_marks_missing_values():
-    table = report.accuracy_table_markdown({
-        "seeds only": {"train_set": "synthetic", "accuracies": [0.5, 0.6]},
-        "nothing | here": {"train_set": "custom"},
-    })  # fmt: skip
+    table = report.accuracy_table_markdown(
+        {
+            "seeds only": {"train_set": "synthetic", "accuracies": [0.5, 0.6]},
+            "nothing | here": {"train_set": "custom"},
+        }
+    )
     lines = table.splitlines()
     # mean and std (ddof=0) from the seeds when not recorded
     assert lines[2] == "| seeds only | synthetic only | — | 55.0 ± 5.0 | 50.0, 60.0 |"
@@ -170,14 +185,23 @@ def test_accuracy_table_fills_in_and_marks_missing_values():
 @pytest.mark.parametrize(
     ("bar", "expected"),
     [
-        ({"synthetic_only_gain_points": 3.4, "required_points": 3.0, "met": True, "joint_above_real_only": True},
-         ["**Bar: MET.**", "+3.4 points (required: at least +3.0 points)", "UtilGen joint above real-only: yes."]),
-        ({"synthetic_only_gain_points": -0.5, "required_points": 3.0, "met": False, "joint_above_real_only": False},
-         ["**Bar: NOT met.**", "-0.5 points (required: at least +3.0 points)", "UtilGen joint above real-only: no."]),
-        ({"synthetic_only_gain_points": 2.9, "required_points": 3.0},  # no recorded decision: derived from the numbers
-         ["**Bar: NOT met.**", "+2.9 points"]),
+        (
+            {"synthetic_only_gain_points": 3.4, "required_points": 3.0, "met": True, "joint_above_real_only": True},
+            ["**Bar: MET.**", "+3.4 points (required: at least +3.0 points)", "UtilGen joint above real-only: yes."],
+        ),
+        (
+            {"synthetic_only_gain_points": -0.5, "required_points": 3.0, "met": False, "joint_above_real_only": False},
+            ["**Bar: NOT met.**", "-0.5 points (required: at least +3.0 points)", "UtilGen joint above real-only: no."],
+        ),
+        (
+            {
+                "synthetic_only_gain_points": 2.9,
+                "required_points": 3.0,
+            },  # no recorded decision: derived from the numbers
+            ["**Bar: NOT met.**", "+2.9 points"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_bar_verdict(tmp_path, bar, expected):
     text = report.write_report(tmp_path, {"accuracy": ACCURACY, "bar": bar}, {}).read_text()
     verdict = text.split("### Verdict")[1].split("![")[0]
@@ -217,8 +241,11 @@ def test_partial_sections_skip_only_what_is_missing(tmp_path):
     assert "_Skipped weight curve: `valuation.curve` loss and weight differ in length._" in text
     assert "| 1 | 4 | 50.0 → — | — |" in text
     assert "_Skipped DPO curves: no MLCO round has a loss or implicit-accuracy history._" in text
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"accuracy.png", "utility_histograms.png",
-                                                              "samples_pool0.png"}  # fmt: skip
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "accuracy.png",
+        "utility_histograms.png",
+        "samples_pool0.png",
+    }
 
 
 def test_unvalued_pools_are_left_out_of_the_histograms_in_order(tmp_path, monkeypatch):
@@ -240,7 +267,8 @@ def test_unvalued_pools_are_left_out_of_the_histograms_in_order(tmp_path, monkey
     text = report.write_report(tmp_path, {"accuracy": ACCURACY}, pools).read_text()
     assert seen == ["pool0", "mlco-round-2", "mlco-round-10", "utilgen"]  # numeric round order, plain skipped
     assert "_Not in the histograms (no finite utility): `plain`._" in text
-    assert "| plain | 3 | 0 | — | — |" in text and "| pool0 | 3 | 2 | 0.200 | 0.200 |" in text
+    assert "| plain | 3 | 0 | — | — |" in text
+    assert "| pool0 | 3 | 2 | 0.200 | 0.200 |" in text
 
 
 def test_no_valued_pool_skips_the_histograms(tmp_path):
@@ -306,7 +334,10 @@ def test_import_loads_neither_matplotlib_nor_torch():
     code = "import sys, utilgen.report; print([m for m in ('matplotlib', 'torch') if m in sys.modules])"
     result = subprocess.run(
         [sys.executable, "-c", code],
-        check=False, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

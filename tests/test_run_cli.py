@@ -50,18 +50,27 @@ def test_smoke_run_writes_the_documented_run_directory(smoke_run):
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["preset"] == "smoke"
     metrics = json.loads((smoke_run / "metrics.json").read_text())
-    assert set(metrics["accuracy"]) == {"real-only", "plain synthetic-only", "plain joint", "utilgen synthetic-only",
-                                        "utilgen joint"}  # fmt: skip
+    assert set(metrics["accuracy"]) == {
+        "real-only",
+        "plain synthetic-only",
+        "plain joint",
+        "utilgen synthetic-only",
+        "utilgen joint",
+    }
     for result in metrics["accuracy"].values():
-        assert 0.0 <= result["mean"] <= 1.0 and len(result["accuracies"]) == 1
+        assert 0.0 <= result["mean"] <= 1.0
+        assert len(result["accuracies"]) == 1
     assert isinstance(metrics["bar"]["met"], bool)
-    assert metrics["valuation"]["curve"]["loss"] and metrics["mlco"][0]["round"] == 1
+    assert metrics["valuation"]["curve"]["loss"]
+    assert metrics["mlco"][0]["round"] == 1
     report = (smoke_run / "report.md").read_text()
-    assert "plain synthetic-only" in report and "plots/" in report
+    assert "plain synthetic-only" in report
+    assert "plots/" in report
     # synthetic data: an ImageFolder tree plus metadata.jsonl, one row per image
     pool = smoke_run / "pools" / "utilgen"
     rows = [json.loads(line) for line in (pool / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 * 4 and {"file", "label", "class_name", "seed", "round", "utility"} <= set(rows[0])
+    assert len(rows) == 10 * 4
+    assert {"file", "label", "class_name", "seed", "round", "utility"} <= set(rows[0])
     first = Image.open(pool / rows[0]["file"])
     assert first.size == (16, 16)
     # weights as safetensors only: nothing pickled anywhere in the run
@@ -96,15 +105,23 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(smoke_run, tmp_path):
     out = tmp_path / "run"
     _kill_after(out, "pool0", "--out", str(out))
     done = _done_stages(out)
-    assert "pool0" in done and "report" not in done
+    assert "pool0" in done
+    assert "report" not in done
     _kill_after(out, "mlco-1", "--resume", str(out))  # a second kill, later in the loop
     assert "report" not in _done_stages(out)
     result = subprocess.run(_command("--resume", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(_done_stages(out)) == set(STAGES)
-    for relative in ("evaluation.json", "tokens.safetensors", "valuation/valuation.safetensors", "ilpo.json",
-                     "pools/utilgen/metadata.jsonl", "pools/plain/metadata.jsonl",
-                     "mlco/round-1/adapters.safetensors", "pools/utilgen/tensors.safetensors"):  # fmt: skip
+    for relative in (
+        "evaluation.json",
+        "tokens.safetensors",
+        "valuation/valuation.safetensors",
+        "ilpo.json",
+        "pools/utilgen/metadata.jsonl",
+        "pools/plain/metadata.jsonl",
+        "mlco/round-1/adapters.safetensors",
+        "pools/utilgen/tensors.safetensors",
+    ):
         if relative.endswith(".safetensors"):  # the header's key order is not fixed across processes
             assert _safetensors(out / relative) == _safetensors(smoke_run / relative), relative
         else:
@@ -160,38 +177,50 @@ def test_bad_input_is_one_message_and_status_2(capsys, tmp_path, args, message):
     else:
         status, err = _main(capsys, "--out", str(out), *args)
     assert status == 2
-    assert err.startswith("utilgen: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("utilgen: error: ")
+    assert message in err
+    assert err.count("\n") == 1
     assert not out.exists()  # nothing half-written
 
 
 def test_sd21_preset_requires_generator_and_data(capsys, tmp_path):
     status = cli.main(["--preset", "sd21", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert status == 2 and "--generator PATH" in err
+    assert status == 2
+    assert "--generator PATH" in err
 
 
 def test_image_folder_with_a_corrupt_file_or_empty_class(capsys, tmp_path):
     root = _image_folder(tmp_path / "data")
     (root / "class3" / "7.png").write_bytes(b"not a png")
     status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
-    assert status == 2 and "7.png" in err and not (tmp_path / "run").exists()
+    assert status == 2
+    assert "7.png" in err
+    assert not (tmp_path / "run").exists()
     (root / "class3" / "7.png").unlink()
     for file in (root / "class5").iterdir():
         file.unlink()
     status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
-    assert status == 2 and "class5" in err and not (tmp_path / "run").exists()
+    assert status == 2
+    assert "class5" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_generator_directory_with_missing_files(capsys, tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     status, err = _main(capsys, "--generator", str(tmp_path / "sd"), "--out", str(tmp_path / "run"))
-    assert status == 2 and "missing" in err and not (tmp_path / "run").exists()
+    assert status == 2
+    assert "missing" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_not_enough_disk_space(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("utilgen.rundir.free_bytes", lambda path: 1024)
     status, err = _main(capsys, "--out", str(tmp_path / "run"))
-    assert status == 2 and "not enough disk space" in err and "MiB" in err and not (tmp_path / "run").exists()
+    assert status == 2
+    assert "not enough disk space" in err
+    assert "MiB" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_directory_is_not_overwritten(capsys, tmp_path):
@@ -199,7 +228,9 @@ def test_an_existing_run_directory_is_not_overwritten(capsys, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     status, err = _main(capsys, "--out", str(out))
-    assert status == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
+    assert status == 2
+    assert "not empty" in err
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
@@ -208,7 +239,9 @@ def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
     (out / "config.json").write_text("{}")
     (out / "manifest.json").write_text('{"format": "utilgen.run/1", "stages": {}}')
     status, err = _main(capsys, "--out", str(out), "--set", "mlco.rounds=2")
-    assert status == 2 and "--resume" in err and (out / "config.json").read_text() == "{}"
+    assert status == 2
+    assert "--resume" in err
+    assert (out / "config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize(
@@ -222,35 +255,55 @@ def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
 )
 def test_checks_that_would_otherwise_fail_mid_run(capsys, tmp_path, args, message):
     status, err = _main(capsys, "--out", str(tmp_path / "run"), *args)
-    assert status == 2 and message in err and not (tmp_path / "run").exists()
+    assert status == 2
+    assert message in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_image_folder_the_embedded_generator_cannot_make(capsys, tmp_path):
     root = _image_folder(tmp_path / "data", classes=3)
     status, err = _main(capsys, "--data", str(root), "--out", str(tmp_path / "run"))
-    assert status == 2 and "Fashion-MNIST's 10 classes" in err and "--generator PATH" in err
+    assert status == 2
+    assert "Fashion-MNIST's 10 classes" in err
+    assert "--generator PATH" in err
     assert not (tmp_path / "run").exists()
 
 
 def test_exit_status_2_from_the_real_entry_point(tmp_path):
-    result = subprocess.run(_command("--set", "mlco.rounds=-1", "--out", str(tmp_path / "run")), capture_output=True,
-                            text=True, timeout=120, env=ENV)  # fmt: skip
-    assert result.returncode == 2 and "mlco.rounds must be >= 0" in result.stderr
+    result = subprocess.run(
+        _command("--set", "mlco.rounds=-1", "--out", str(tmp_path / "run")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert result.returncode == 2
+    assert "mlco.rounds must be >= 0" in result.stderr
 
 
 def test_list_keys_names_every_key(capsys):
     assert cli.main(["--list-keys"]) == 0
     out = capsys.readouterr().out
-    assert "mlco.rounds = 1" in out and "evaluation.seeds = (0, 1, 2)" in out and "ilpo.prompt_steps = 4" in out
+    assert "mlco.rounds = 1" in out
+    assert "evaluation.seeds = (0, 1, 2)" in out
+    assert "ilpo.prompt_steps = 4" in out
 
 
 def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(_command("--out", str(out), "--set", "valuation.inner_lr=1e30"), capture_output=True,
-                            text=True, timeout=300, env=ENV)  # fmt: skip
-    assert result.returncode == 1 and "TODV" in result.stderr and f"--resume {out}" in result.stderr
+    result = subprocess.run(
+        _command("--out", str(out), "--set", "valuation.inner_lr=1e30"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert result.returncode == 1
+    assert "TODV" in result.stderr
+    assert f"--resume {out}" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())["stages"]
-    assert manifest["valuation"]["status"] == "failed" and "nan" in manifest["valuation"]["error"]
+    assert manifest["valuation"]["status"] == "failed"
+    assert "nan" in manifest["valuation"]["error"]
     assert {name for name, e in manifest.items() if e["status"] == "done"} == {"splits", "tokens", "pool0", "plain"}
     assert (out / "valuation.partial" / "valuation.safetensors").exists()  # what was done so far, kept
     # the fix, plus the ablation pools (evaluation.ablation), which the uninterrupted smoke run does not cover
@@ -271,9 +324,11 @@ def test_config_file_may_name_the_preset(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "execute", lambda config, directory, **_: seen.setdefault("config", config) and 0)
     (tmp_path / "run.yaml").write_text("preset: smoke\nmlco:\n  rounds: 2\n")
     assert cli.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
-    assert seen["config"].preset == "smoke" and seen["config"].mlco.rounds == 2
+    assert seen["config"].preset == "smoke"
+    assert seen["config"].mlco.rounds == 2
     status = cli.main(["--preset", "default", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")])
-    assert status == 2 and "names preset 'smoke'" in capsys.readouterr().err
+    assert status == 2
+    assert "names preset 'smoke'" in capsys.readouterr().err
 
 
 def test_stable_diffusion_backend_on_an_image_folder_end_to_end(tmp_path):
@@ -286,10 +341,13 @@ def test_stable_diffusion_backend_on_an_image_folder_end_to_end(tmp_path):
     for name in ("cat", "dog", "fox"):
         (tmp_path / "data" / name).mkdir(parents=True)
         for i in range(28):  # smoke: 4 shots + 3 meta + 20 test per class, and one to spare
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
     out = tmp_path / "run"
-    command = _command("--generator", str(sd), "--data", str(tmp_path / "data"), "--set", "data.channels=3",
-                       "--out", str(out))  # fmt: skip
+    command = _command(
+        "--generator", str(sd), "--data", str(tmp_path / "data"), "--set", "data.channels=3", "--out", str(out)
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(_done_stages(out)) == set(STAGES)
@@ -297,4 +355,5 @@ def test_stable_diffusion_backend_on_an_image_folder_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (out / "pools/utilgen/metadata.jsonl").read_text().splitlines()]
     assert {row["class_name"] for row in rows} == {"cat", "dog", "fox"}
     image = Image.open(out / "pools/utilgen" / rows[0]["file"])
-    assert image.size == (16, 16) and image.mode == "RGB"  # generated at 32 px, stored at the task's size
+    assert image.size == (16, 16)
+    assert image.mode == "RGB"

@@ -13,8 +13,9 @@ CLASSES = ("a", "b")
 
 def _pool(utilities: list[float], labels: list[int]) -> SyntheticPool:
     n = len(labels)
-    pool = SyntheticPool.create(torch.rand(n, 1, 4, 4), torch.tensor(labels), CLASSES, torch.arange(n), round=0,
-                                stage="ilpo")  # fmt: skip
+    pool = SyntheticPool.create(
+        torch.rand(n, 1, 4, 4), torch.tensor(labels), CLASSES, torch.arange(n), round=0, stage="ilpo"
+    )
     return pool.with_utilities(torch.tensor(utilities))
 
 
@@ -62,7 +63,8 @@ def test_errors():
         select_indices_per_class(labels, utilities, 1, mode="band", drop_fraction=1.0)
     with pytest.raises(ValueError, match="NaN"):
         select_indices_per_class(labels, torch.tensor([0.1, float("nan"), 0.3]), 1)
-    unvalued = SyntheticPool.create(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), CLASSES, torch.arange(2), round=0,
-                                    stage="ilpo")  # fmt: skip
+    unvalued = SyntheticPool.create(
+        torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), CLASSES, torch.arange(2), round=0, stage="ilpo"
+    )
     with pytest.raises(ValueError, match="utilities"):
         select_per_class(unvalued, 1)

@@ -45,19 +45,25 @@ def fitted():
 
 
 def test_flipped_labels_get_lower_utility(fitted):
-    """Meta-Weight-Net's noisy-label behaviour: measured AUROC 0.909, 0.915, 0.902 (seeds 0-2) at this scale; asserted >= 0.8."""
+    """Meta-Weight-Net's noisy-label behaviour.
+
+    Measured AUROC 0.909, 0.915, 0.902 (seeds 0-2) at this scale; asserted >= 0.8.
+    """
     _, noisy, flipped, valuation = fitted
     utilities = valuation.score(noisy.images, noisy.labels)
-    assert utilities.shape == (len(noisy),) and float(utilities.min()) >= 0.0 and float(utilities.max()) <= 1.0
+    assert utilities.shape == (len(noisy),)
+    assert float(utilities.min()) >= 0.0
+    assert float(utilities.max()) <= 1.0
     assert auroc(utilities[~flipped], utilities[flipped]) >= 0.8
-    losses, weights = valuation.curve()
+    _losses, weights = valuation.curve()
     assert float(weights[0]) > float(weights[-1])  # the learned curve falls with the loss
 
 
 def test_history_records_steps_and_meta_loss_falls(fitted):
     _, _, _, valuation = fitted
     history = valuation.history
-    assert len(history.loss) == SMOKE.steps and len(history.meta_loss) == SMOKE.steps  # meta_every=1
+    assert len(history.loss) == SMOKE.steps
+    assert len(history.meta_loss) == SMOKE.steps
     first, last = history.meta_loss[:10], history.meta_loss[-10:]
     assert sum(last) / 10 < sum(first) / 10 - 0.3  # measured 2.27 -> ~1.35
     assert all(0.0 <= w for w in history.mean_weight_synthetic)
@@ -68,7 +74,8 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
     valuation.save(tmp_path / "todv")
     loaded = Valuation.load(tmp_path / "todv")
     config = json.loads((tmp_path / "todv" / "valuation.json").read_text())
-    assert config["weight_net"] == {"hidden": 100, "features": ["loss"]} and config["classifier"] == "cnn-small"
+    assert config["weight_net"] == {"hidden": 100, "features": ["loss"]}
+    assert config["classifier"] == "cnn-small"
     x, y = noisy.images[:200], noisy.labels[:200]
     assert torch.equal(loaded.score(x, y), valuation.score(x, y))
     assert torch.equal(loaded.curve()[1], valuation.curve()[1])
@@ -89,7 +96,8 @@ def test_non_finite_loss_stops_with_the_partial_result():
     with pytest.raises(NonFiniteLossError, match="at step") as info:
         fit_valuation(splits.train, noisy, splits.meta, config)
     error = info.value
-    assert 0 < error.step < 50 and len(error.history.loss) == error.step
+    assert 0 < error.step < 50
+    assert len(error.history.loss) == error.step
     for p in error.valuation.classifier.parameters():
         assert torch.isfinite(p).all()  # the failing step was not applied
 

@@ -14,7 +14,12 @@ from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, finite_diffe
 def _cnn():
     # GroupNorm, no dropout: a small stand-in for the cnn family at 8x8.
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
     )
 
 
@@ -102,7 +107,9 @@ def test_finite_difference_error_shrinks_with_step_in_fp64_model():
     """O(eps) truncation: a 10x smaller step gives a clearly smaller error (fp64 classifier)."""
     torch.manual_seed(0)
     problem = _problem(_cnn().double())
-    problem = Lookahead(**{**problem.__dict__, "inputs": problem.inputs.double(), "meta_inputs": problem.meta_inputs.double()})
+    problem = Lookahead(
+        **{**problem.__dict__, "inputs": problem.inputs.double(), "meta_inputs": problem.meta_inputs.double()}
+    )
     expected = meta_gradient(problem, "exact")
     coarse = _relative_error(finite_difference_meta_gradient(problem, eps=1e-1).phi_grads, expected.phi_grads)
     fine = _relative_error(finite_difference_meta_gradient(problem, eps=1e-2).phi_grads, expected.phi_grads)
@@ -115,6 +122,7 @@ def test_strategies_leave_params_untouched_and_registry_rejects_unknown():
     for strategy in META_GRADIENTS:
         meta_gradient(problem, strategy)
     for name, tensor in problem.params.items():
-        assert torch.equal(tensor, before[name]) and not tensor.requires_grad
+        assert torch.equal(tensor, before[name])
+        assert not tensor.requires_grad
     with pytest.raises(ValueError, match="choose one of"):
         meta_gradient(problem, "newton")

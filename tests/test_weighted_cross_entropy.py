@@ -98,7 +98,8 @@ def test_cpp_non_finite_logits_give_nan_rows_like_torch():
     target[3] = 0
     out = weighted_cross_entropy(logits, target, weight, "none", backend="cpp")
     ref = weighted_cross_entropy_reference(logits, target, weight, "none")
-    assert torch.isnan(out[1]) and torch.isnan(out[2])
+    assert torch.isnan(out[1])
+    assert torch.isnan(out[2])
     torch.testing.assert_close(out[[0, 3]], ref.loss[[0, 3]])
 
 
@@ -134,7 +135,8 @@ def test_reference_backend_is_twice_differentiable():
     loss = weighted_cross_entropy(z, target, weight.double(), backend="reference")
     (grad,) = torch.autograd.grad(loss, z, create_graph=True)
     (second,) = torch.autograd.grad(grad.pow(2).sum(), z)
-    assert torch.isfinite(second).all() and second.abs().sum() > 0
+    assert torch.isfinite(second).all()
+    assert second.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", backend_params(SUPPORT))
@@ -142,7 +144,8 @@ def test_weight_gradient_can_be_off(backend):
     logits, target, weight, _ = _inputs(37, 10)
     z = logits.requires_grad_()
     weighted_cross_entropy(z, target, weight, backend=backend).backward()
-    assert weight.grad is None and z.grad is not None
+    assert weight.grad is None
+    assert z.grad is not None
 
 
 @pytest.mark.parametrize("backend", backend_params(SUPPORT))
@@ -152,7 +155,15 @@ def test_opcheck(backend):
     op = torch.ops.utilgen.weighted_cross_entropy.default
     for reduction in (0, 1, 2):
         for tan in (None, tangent):
-            args = (logits.clone().requires_grad_(), target, weight.clone().requires_grad_(), tan, reduction, True, backend)
+            args = (
+                logits.clone().requires_grad_(),
+                target,
+                weight.clone().requires_grad_(),
+                tan,
+                reduction,
+                True,
+                backend,
+            )
             torch.library.opcheck(op, args)
 
 
@@ -160,7 +171,7 @@ def test_opcheck(backend):
 def test_op_fallback_matches_reference(reduction):
     logits, target, weight, tangent = _inputs(6, 7)
     z = logits.clone().requires_grad_()
-    loss, per_sample, lse, directional, _ = torch.ops.utilgen.weighted_cross_entropy(
+    loss, _per_sample, lse, directional, _ = torch.ops.utilgen.weighted_cross_entropy(
         z, target, weight, tangent, reduction, True, "reference"
     )
     ref = weighted_cross_entropy_reference(logits, target, weight, ["none", "mean", "sum"][reduction], tangent=tangent)

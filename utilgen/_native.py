@@ -22,7 +22,7 @@ import torch
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     try:
         module = importlib.import_module("utilgen._C")
@@ -56,7 +56,7 @@ def extension_reason() -> str:
     return _load()[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_kernels_reason() -> str:
     """'' when `_C` can run its CUDA kernels here, else why not.
 

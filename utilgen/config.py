@@ -49,8 +49,10 @@ class DataConfig:
         _require(self.source != "", "data.source is empty: give --data PATH (an ImageFolder) or use 'embedded'")
         _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
-        _require(self.shots_per_class >= 1 and self.meta_per_class >= 1,
-                 "data.shots_per_class and data.meta_per_class must be >= 1 (TODV needs a meta set)")
+        _require(
+            self.shots_per_class >= 1 and self.meta_per_class >= 1,
+            "data.shots_per_class and data.meta_per_class must be >= 1 (TODV needs a meta set)",
+        )
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,10 @@ class TokensConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0 and self.batch_size >= 1 and self.lr > 0,
-                 "tokens.steps must be >= 0, tokens.batch_size >= 1 and tokens.lr > 0")
+        _require(
+            self.steps >= 0 and self.batch_size >= 1 and self.lr > 0,
+            "tokens.steps must be >= 0, tokens.batch_size >= 1 and tokens.lr > 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,10 @@ class ILPOConfig:
     repair_quantile: float | None = 0.25
 
     def __post_init__(self) -> None:
-        _require(self.repair_quantile is None or 0 < self.repair_quantile <= 1,
-                 f"ilpo.repair_quantile must lie in (0, 1] or be none, got {self.repair_quantile}")
+        _require(
+            self.repair_quantile is None or 0 < self.repair_quantile <= 1,
+            f"ilpo.repair_quantile must lie in (0, 1] or be none, got {self.repair_quantile}",
+        )
 
 
 @dataclass(frozen=True)
@@ -213,21 +219,39 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tokens": {"steps": 5},
         "synthetic": {"first_pool_per_class": 4, "multiple": 1.0},
         "valuation": {"steps": 10, "batch_size": 32, "meta_batch_size": 16},
-        "mlco": {"rounds": 1, "candidates_per_class": 4, "pairs_per_class": 1, "min_gap": 0.0, "steps": 4,
-                 "batch_pairs": 4},  # fmt: skip
+        "mlco": {
+            "rounds": 1,
+            "candidates_per_class": 4,
+            "pairs_per_class": 1,
+            "min_gap": 0.0,
+            "steps": 4,
+            "batch_pairs": 4,
+        },
         "ilpo": {"prompt_steps": 1, "batch_size": 32},
         "evaluation": {"seeds": (0,), "steps": 10, "batch_size": 32},
     },
     # Stable Diffusion 2.1 (local diffusers directory, --generator) on an ImageFolder (--data), on the GPU.
     "sd21": {
         "data": {"image_size": 224, "channels": 3},  # the source: --data PATH (required)
-        "generator": {"kind": "stable-diffusion", "dtype": "float16", "steps": 25, "guidance_scale": 2.0,
-                      "batch_size": 16},  # fmt: skip
+        "generator": {
+            "kind": "stable-diffusion",
+            "dtype": "float16",
+            "steps": 25,
+            "guidance_scale": 2.0,
+            "batch_size": 16,
+        },
         "tokens": {"steps": 500, "lr": 5e-3, "batch_size": 8},
         "synthetic": {"first_pool_per_class": 16},
         "valuation": {"classifier": "resnet18", "steps": 400, "batch_size": 64, "meta_batch_size": 64},
-        "mlco": {"rounds": 2, "candidates_per_class": 8, "pairs_per_class": 2, "beta": 5000.0, "lr": 1e-5,
-                 "steps": 200, "batch_pairs": 4},  # fmt: skip
+        "mlco": {
+            "rounds": 2,
+            "candidates_per_class": 8,
+            "pairs_per_class": 2,
+            "beta": 5000.0,
+            "lr": 1e-5,
+            "steps": 200,
+            "batch_pairs": 4,
+        },
         "ilpo": {"prompt_steps": 6, "prompt_lr": 1e-3, "batch_size": 8, "drift_weight": 1.0},
         "evaluation": {"classifier": "resnet18", "steps": 1500, "batch_size": 64, "lr": 0.05, "augment": True},
         "run": {"device": "auto"},
@@ -269,8 +293,9 @@ def config_from_dict(value: dict[str, Any]) -> Config:
     """A ``Config`` from its ``to_dict()`` form (``config.json`` of a run), every key checked."""
     value = dict(value)
     preset = value.pop("preset", "default")
-    sections = {name: _build_section(name, _checked_section(name, section, "config.json"))
-                for name, section in value.items()}  # fmt: skip
+    sections = {
+        name: _build_section(name, _checked_section(name, section, "config.json")) for name, section in value.items()
+    }
     return Config(preset=preset, **sections)
 
 

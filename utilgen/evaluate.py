@@ -71,12 +71,23 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip, shifted.flip(-1), shifted)
 
 
-def train_classifier(train: LabelledImages, config: EvaluationConfig, *, seed: int, device: torch.device,
-                     progress: bool = False, desc: str = "classifier") -> nn.Module:  # fmt: skip
+def train_classifier(
+    train: LabelledImages,
+    config: EvaluationConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "classifier",
+) -> nn.Module:
     """A fresh ``config.classifier`` trained on ``train``: SGD (momentum 0.9, wd 5e-4), cosine lr, ``config.steps``."""
     torch.manual_seed(seed)  # the initialisation
-    model = build_classifier(config.classifier, num_classes=len(train.class_names), in_channels=train.images.shape[1],
-                             image_size=train.images.shape[-1]).to(device)  # fmt: skip
+    model = build_classifier(
+        config.classifier,
+        num_classes=len(train.class_names),
+        in_channels=train.images.shape[1],
+        image_size=train.images.shape[-1],
+    ).to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.steps)
     rng = torch.Generator().manual_seed(seed)  # batches and augmentation
@@ -89,8 +100,9 @@ def train_classifier(train: LabelledImages, config: EvaluationConfig, *, seed: i
             batch = augment(batch, rng)
         loss = F.cross_entropy(model(batch), labels[index.to(device)])
         if not torch.isfinite(loss.detach()):
-            raise NonFiniteTrainingError(f"{desc}: the training loss is {loss.item()} at step {step}; lower "
-                                         f"evaluation.lr (now {config.lr})")  # fmt: skip
+            raise NonFiniteTrainingError(
+                f"{desc}: the training loss is {loss.item()} at step {step}; lower evaluation.lr (now {config.lr})"
+            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -99,7 +111,7 @@ def train_classifier(train: LabelledImages, config: EvaluationConfig, *, seed: i
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, test: LabelledImages, device: torch.device, batch_size: int = 1024) -> float:
+def top1_accuracy(model: nn.Module, test: LabelledImages, device: torch.device, batch_size: int = 1024) -> float:
     correct = 0
     for start in range(0, len(test.labels), batch_size):
         images = test.images[start : start + batch_size].to(device)
@@ -109,13 +121,23 @@ def test_accuracy(model: nn.Module, test: LabelledImages, device: torch.device, 
 
 def summarise(accuracies: list[float]) -> dict:
     """Mean and sample standard deviation (0 for one seed) of per-seed accuracies."""
-    return {"accuracies": accuracies, "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}  # fmt: skip
+    return {
+        "accuracies": accuracies,
+        "mean": statistics.fmean(accuracies),
+        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+    }
 
 
-def evaluate(settings: list[TrainingSet], test: LabelledImages, config: EvaluationConfig, *, device: torch.device,
-             checkpoint: str | os.PathLike | None = None, checkpoint_key: str = "",
-             progress: bool = False) -> dict:  # fmt: skip
+def evaluate(
+    settings: list[TrainingSet],
+    test: LabelledImages,
+    config: EvaluationConfig,
+    *,
+    device: torch.device,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_key: str = "",
+    progress: bool = False,
+) -> dict:
     """{setting name: {train_set, pool, train_size, accuracies (one per seed), mean, std}}, in ``settings`` order.
 
     ``checkpoint``: a JSON file of finished (setting, seed) accuracies, read first and
@@ -134,7 +156,7 @@ def evaluate(settings: list[TrainingSet], test: LabelledImages, config: Evaluati
         job = f"{setting.name}|{seed}"
         if job not in done:
             model = train_classifier(setting.data, config, seed=seed, device=device, desc=setting.name)
-            done[job] = test_accuracy(model, test, device)
+            done[job] = top1_accuracy(model, test, device)
             log.info("%s, seed %d: test accuracy %.4f", setting.name, seed, done[job])
             if checkpoint is not None:
                 atomic_write_json(checkpoint, {"key": checkpoint_key, "done": done})
@@ -144,6 +166,10 @@ def evaluate(settings: list[TrainingSet], test: LabelledImages, config: Evaluati
         accuracies = [done[f"{setting.name}|{seed}"] for seed in config.seeds]
         if not all(math.isfinite(a) for a in accuracies):
             raise NonFiniteTrainingError(f"{setting.name}: non-finite accuracy {accuracies}")
-        results[setting.name] = {"train_set": setting.train_set, "pool": setting.pool,
-                                 "train_size": len(setting.data.labels), **summarise(accuracies)}  # fmt: skip
+        results[setting.name] = {
+            "train_set": setting.train_set,
+            "pool": setting.pool,
+            "train_size": len(setting.data.labels),
+            **summarise(accuracies),
+        }
     return results

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from utilgen import adaptation, config as config_module
+from utilgen import adaptation
+from utilgen import config as config_module
 from utilgen.adaptation import (
     DPOConfig,
     DPONonFiniteError,
@@ -46,8 +47,16 @@ from utilgen.adaptation import (
 )
 from utilgen.adaptation.mlco import prepare_round
 from utilgen.config import Config
-from utilgen.data import LabelledImages, SyntheticPool, Splits, load_split_indices, make_splits, resize_images
-from utilgen.data import save_splits, splits_from_indices
+from utilgen.data import (
+    LabelledImages,
+    Splits,
+    SyntheticPool,
+    load_split_indices,
+    make_splits,
+    resize_images,
+    save_splits,
+    splits_from_indices,
+)
 from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate, joint
 from utilgen.generator import Generator
 from utilgen.io import atomic_write_bytes, atomic_write_json
@@ -76,9 +85,16 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
     # The run seed keys the first stage, so through the chained keys it keys every stage.
     with stages.stage("splits", [cfg.data, cfg.run.seed], ["splits.json"]) as needed:
         if needed:
-            save_splits(make_splits(data, shots_per_class=cfg.data.shots_per_class,
-                                    meta_per_class=cfg.data.meta_per_class, test_per_class=cfg.data.test_per_class,
-                                    seed=cfg.data.split_seed), directory.path / "splits.json")  # fmt: skip
+            save_splits(
+                make_splits(
+                    data,
+                    shots_per_class=cfg.data.shots_per_class,
+                    meta_per_class=cfg.data.meta_per_class,
+                    test_per_class=cfg.data.test_per_class,
+                    seed=cfg.data.split_seed,
+                ),
+                directory.path / "splits.json",
+            )
     real = splits_from_indices(data, load_split_indices(directory.path / "splits.json"))
 
     generator = build_generator(cfg, real.class_names, device)
@@ -86,8 +102,10 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
         if needed:
             tokens = learn_tokens(generator, real.train, cfg, progress)
             if not bool(torch.isfinite(tokens).all()):
-                raise StageError(f"textual inversion diverged: the class tokens hold NaN/inf after {cfg.tokens.steps} "
-                                 "steps. Lower tokens.lr and resume: --resume DIR --set tokens.lr=...")  # fmt: skip
+                raise StageError(
+                    f"textual inversion diverged: the class tokens hold NaN/inf after {cfg.tokens.steps} "
+                    "steps. Lower tokens.lr and resume: --resume DIR --set tokens.lr=..."
+                )
             atomic_write_bytes(directory.path / "tokens.safetensors", _tensor_bytes({"class_tokens": tokens}))
     generator.set_class_tokens(load_file(directory.path / "tokens.safetensors")["class_tokens"].to(generator.device))
 
@@ -151,9 +169,12 @@ def run(cfg: Config, directory: RunDirectory, data: LabelledImages, *, progress:
 
     # For the histograms: D_g0 as TODV valued it, and the plain pool under the valuation ILPO climbed.
     pool0_utilities = json.loads((directory.path / "valuation/history.json").read_text())["pool_utilities"]
-    pools = {"pool0": pool0.with_utilities(torch.tensor(pool0_utilities)),
-             "plain": plain.with_utilities(valuation.score(plain.images, plain.labels)),
-             "utilgen": utilgen_pool, **ablation_pools}  # fmt: skip
+    pools = {
+        "pool0": pool0.with_utilities(torch.tensor(pool0_utilities)),
+        "plain": plain.with_utilities(valuation.score(plain.images, plain.labels)),
+        "utilgen": utilgen_pool,
+        **ablation_pools,
+    }
     pools.update({f"mlco-round-{r}": load_pool(directory, f"mlco-{r}") for r in range(1, cfg.mlco.rounds + 1)})
     metrics = collect_metrics(cfg, directory, real, results, device)
     with stages.stage("report", [], ["metrics.json", "report.md", "plots"]) as needed:
@@ -224,26 +245,50 @@ def stage_configs(cfg: Config, device: torch.device, progress: bool) -> StageCon
     gen = cfg.generator
     built = {}
     for section, build in (
-        ("valuation", lambda: BiLevelConfig(**dataclasses.asdict(cfg.valuation), seed=cfg.run.seed,
-                                            device=str(device), progress=progress)),
-        ("mlco", lambda: DPOConfig(beta=cfg.mlco.beta, lr=cfg.mlco.lr, steps=cfg.mlco.steps,
-                                   batch_pairs=cfg.mlco.batch_pairs, lora_rank=cfg.mlco.lora_rank,
-                                   lora_alpha=cfg.mlco.lora_alpha, rounds=max(cfg.mlco.rounds, 1),
-                                   seed=cfg.run.seed, progress=progress)),
-        ("ilpo", lambda: adaptation.ILPOConfig(**_without(dataclasses.asdict(cfg.ilpo), "repair_quantile"),
-                                               steps=gen.steps, guidance_scale=gen.guidance_scale, progress=progress)),
-    ):  # fmt: skip
+        (
+            "valuation",
+            lambda: BiLevelConfig(
+                **dataclasses.asdict(cfg.valuation), seed=cfg.run.seed, device=str(device), progress=progress
+            ),
+        ),
+        (
+            "mlco",
+            lambda: DPOConfig(
+                beta=cfg.mlco.beta,
+                lr=cfg.mlco.lr,
+                steps=cfg.mlco.steps,
+                batch_pairs=cfg.mlco.batch_pairs,
+                lora_rank=cfg.mlco.lora_rank,
+                lora_alpha=cfg.mlco.lora_alpha,
+                rounds=max(cfg.mlco.rounds, 1),
+                seed=cfg.run.seed,
+                progress=progress,
+            ),
+        ),
+        (
+            "ilpo",
+            lambda: adaptation.ILPOConfig(
+                **_without(dataclasses.asdict(cfg.ilpo), "repair_quantile"),
+                steps=gen.steps,
+                guidance_scale=gen.guidance_scale,
+                progress=progress,
+            ),
+        ),
+    ):
         try:
             built[section] = build()
         except (ValueError, TypeError) as error:
             raise config_module.ConfigError(f"[{section}]: {error}") from None
     from utilgen.models.classifier import CLASSIFIERS
 
-    for key, name in (("valuation.classifier", cfg.valuation.classifier), ("evaluation.classifier",
-                                                                          cfg.evaluation.classifier)):  # fmt: skip
+    for key, name in (
+        ("valuation.classifier", cfg.valuation.classifier),
+        ("evaluation.classifier", cfg.evaluation.classifier),
+    ):
         if name not in CLASSIFIERS:
-            raise config_module.ConfigError(f"{key}={name!r} is not a classifier; choose one of "
-                                            f"{', '.join(CLASSIFIERS)}")  # fmt: skip
+            raise config_module.ConfigError(
+                f"{key}={name!r} is not a classifier; choose one of {', '.join(CLASSIFIERS)}"
+            )
     return StageConfigs(valuation=built["valuation"], dpo=built["mlco"], ilpo=built["ilpo"])
 
 
@@ -258,10 +303,13 @@ def check_generator_fits_data(cfg: Config, data: LabelledImages) -> None:
             raise config_module.ConfigError(
                 f"the embedded generator makes {embedded.channels}-channel images of Fashion-MNIST's "
                 f"{embedded.num_classes} classes; the data has {len(data.class_names)} classes with {channels} "
-                "channel(s). Use --generator PATH (a Stable Diffusion directory) for other datasets")  # fmt: skip
+                "channel(s). Use --generator PATH (a Stable Diffusion directory) for other datasets"
+            )
     elif channels != 3:
-        raise config_module.ConfigError(f"Stable Diffusion makes RGB images; the data is read with {channels} "
-                                        "channel(s): set data.channels=3 (or use --preset sd21)")  # fmt: skip
+        raise config_module.ConfigError(
+            f"Stable Diffusion makes RGB images; the data is read with {channels} "
+            "channel(s): set data.channels=3 (or use --preset sd21)"
+        )
 
 
 # ------------------------------------------------------------------------------------ data and generator
@@ -286,8 +334,10 @@ def load_task_data(cfg: Config) -> LabelledImages:
 
     if cfg.data.source == "embedded":
         if cfg.data.channels != 1:
-            raise config_module.ConfigError("the embedded Fashion-MNIST data is grayscale: data.channels must be 1 "
-                                            "(give --data PATH for an RGB ImageFolder)")  # fmt: skip
+            raise config_module.ConfigError(
+                "the embedded Fashion-MNIST data is grayscale: data.channels must be 1 "
+                "(give --data PATH for an RGB ImageFolder)"
+            )
         return load_embedded(cfg.data.image_size)
     data, report = load_image_folder(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels)
     log.info("ImageFolder %s: %s", cfg.data.source, report.counts)
@@ -302,17 +352,25 @@ def build_generator(cfg: Config, class_names: tuple[str, ...], device: torch.dev
     from utilgen.generator.stable_diffusion import StableDiffusionGenerator
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.generator.dtype]
-    return StableDiffusionGenerator.from_directory(cfg.generator.path, class_names, device=device, dtype=dtype,
-                                                   attention=cfg.generator.attention)  # fmt: skip
+    return StableDiffusionGenerator.from_directory(
+        cfg.generator.path, class_names, device=device, dtype=dtype, attention=cfg.generator.attention
+    )
 
 
 def learn_tokens(generator: Generator, train: LabelledImages, cfg: Config, progress: bool) -> torch.Tensor:
     from utilgen.generator import learn_class_tokens
 
     size = generator.image_size
-    return learn_class_tokens(generator, resize_images(train.images, size), train.labels, steps=cfg.tokens.steps,
-                              lr=cfg.tokens.lr, batch_size=cfg.tokens.batch_size, seed=cfg.run.seed,
-                              progress=progress).cpu()  # fmt: skip
+    return learn_class_tokens(
+        generator,
+        resize_images(train.images, size),
+        train.labels,
+        steps=cfg.tokens.steps,
+        lr=cfg.tokens.lr,
+        batch_size=cfg.tokens.batch_size,
+        seed=cfg.run.seed,
+        progress=progress,
+    ).cpu()
 
 
 def final_per_class(cfg: Config) -> int:
@@ -326,12 +384,25 @@ def instance_list(num_classes: int, per_class: int, run_seed: int, pool: str, *,
     return labels, torch.arange(base, base + labels.shape[0], dtype=torch.int64)
 
 
-def generate_plain(generator: Generator, labels: torch.Tensor, seeds: torch.Tensor, cfg: Config, real: Splits,
-                   *, stage: str, progress: bool = False) -> SyntheticPool:  # fmt: skip
+def generate_plain(
+    generator: Generator,
+    labels: torch.Tensor,
+    seeds: torch.Tensor,
+    cfg: Config,
+    real: Splits,
+    *,
+    stage: str,
+    progress: bool = False,
+) -> SyntheticPool:
     """Class-token generation, no UtilGen: the first pool and the plain baseline."""
-    images = generator.sample(generator.class_prompt_embeds(labels), generator.initial_noise(seeds.tolist()),
-                              guidance_scale=cfg.generator.guidance_scale, steps=cfg.generator.steps,
-                              batch_size=cfg.generator.batch_size, progress=progress)  # fmt: skip
+    images = generator.sample(
+        generator.class_prompt_embeds(labels),
+        generator.initial_noise(seeds.tolist()),
+        guidance_scale=cfg.generator.guidance_scale,
+        steps=cfg.generator.steps,
+        batch_size=cfg.generator.batch_size,
+        progress=progress,
+    )
     pool = SyntheticPool.create(images, labels, real.class_names, seeds, round=0, stage=stage)
     return to_task_size(pool, real)
 
@@ -360,8 +431,10 @@ def fit_or_stop(real: Splits, synthetic: SyntheticPool, config: BiLevelConfig, o
     except NonFiniteLossError as error:
         partial = out.with_name(out.name + ".partial")
         error.valuation.save(partial)
-        raise StageError(f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr "
-                         "or valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=...") from error
+        raise StageError(
+            f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr "
+            "or valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=..."
+        ) from error
 
 
 def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None:
@@ -372,33 +445,55 @@ def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None
     if valuation.features == ("loss",):
         losses, weights = valuation.curve()
         curve = {"loss": losses.tolist(), "weight": weights.tolist()}
-    atomic_write_json(out / "history.json", {
-        "curve": curve,
-        "meta_loss": history.meta_loss if history else [],
-        "mean_weight_real": history.mean_weight_real if history else [],
-        "mean_weight_synthetic": history.mean_weight_synthetic if history else [],
-        "pool_utilities": valuation.score(pool.images, pool.labels).tolist(),
-    })  # fmt: skip
+    atomic_write_json(
+        out / "history.json",
+        {
+            "curve": curve,
+            "meta_loss": history.meta_loss if history else [],
+            "mean_weight_real": history.mean_weight_real if history else [],
+            "mean_weight_synthetic": history.mean_weight_synthetic if history else [],
+            "pool_utilities": valuation.score(pool.images, pool.labels).tolist(),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ MLCO
 
 
-def mlco_round(generator: Generator, valuation: Valuation, real: Splits, cfg: Config, method: StageConfigs,
-               round_index: int, directory: RunDirectory) -> None:  # fmt: skip
+def mlco_round(
+    generator: Generator,
+    valuation: Valuation,
+    real: Splits,
+    cfg: Config,
+    method: StageConfigs,
+    round_index: int,
+    directory: RunDirectory,
+) -> None:
     """Candidates per class -> utility pairs -> one Diffusion-DPO round; adapters, pool and history saved."""
     k = len(real.class_names)
     out = directory.path / f"mlco/round-{round_index}"
     _, seeds = instance_list(k, cfg.mlco.candidates_per_class, cfg.run.seed, "mlco", offset=round_index * 100_000)
-    candidates = generate_candidates(generator, valuation, range(k), cfg.mlco.candidates_per_class, seeds.tolist(),
-                                     class_names=real.class_names, round=round_index,
-                                     guidance_scale=cfg.generator.guidance_scale, steps=cfg.generator.steps,
-                                     batch_size=cfg.generator.batch_size, progress=method.dpo.progress)  # fmt: skip
+    candidates = generate_candidates(
+        generator,
+        valuation,
+        range(k),
+        cfg.mlco.candidates_per_class,
+        seeds.tolist(),
+        class_names=real.class_names,
+        round=round_index,
+        guidance_scale=cfg.generator.guidance_scale,
+        steps=cfg.generator.steps,
+        batch_size=cfg.generator.batch_size,
+        progress=method.dpo.progress,
+    )
     pairs = pairs_from_pool(candidates, pairs_per_class=cfg.mlco.pairs_per_class, min_gap=cfg.mlco.min_gap)
     summary = {"round": round_index, "pairs": len(pairs), "mean_candidate_utility": float(candidates.utilities.mean())}
     if len(pairs) == 0:
-        log.warning("MLCO round %d: no pairs (every class a near-tie under min_gap %.3g); the generator is unchanged",
-                    round_index, cfg.mlco.min_gap)  # fmt: skip
+        log.warning(
+            "MLCO round %d: no pairs (every class a near-tie under min_gap %.3g); the generator is unchanged",
+            round_index,
+            cfg.mlco.min_gap,
+        )
         summary["skipped"] = "no pairs"
     else:
         before = adaptation.evaluate_pairs(generator, pairs, beta=method.dpo.beta)
@@ -406,12 +501,17 @@ def mlco_round(generator: Generator, valuation: Valuation, real: Splits, cfg: Co
             result = train_dpo_round(generator, pairs, method.dpo, round_index=round_index - 1)
         except DPONonFiniteError as error:
             adaptation.save_adapters(generator.denoiser, out.with_name(out.name + ".partial.safetensors"))
-            raise StageError(f"{error}. Resume with a smaller step: --resume DIR --set mlco.lr=... "
-                             "(or mlco.beta=...)") from error  # fmt: skip
+            raise StageError(
+                f"{error}. Resume with a smaller step: --resume DIR --set mlco.lr=... (or mlco.beta=...)"
+            ) from error
         after = adaptation.evaluate_pairs(generator, pairs, beta=method.dpo.beta)
         adaptation.save_adapters(generator.denoiser, out / "adapters.safetensors")
-        summary.update(implicit_accuracy_before=before.implicit_acc, implicit_accuracy_after=after.implicit_acc,
-                       steps=result.steps_done, history=dataclasses.asdict(result.history))  # fmt: skip
+        summary.update(
+            implicit_accuracy_before=before.implicit_acc,
+            implicit_accuracy_after=after.implicit_acc,
+            steps=result.steps_done,
+            history=dataclasses.asdict(result.history),
+        )
     candidates = to_task_size(candidates, real)
     if cfg.mlco.refresh_valuation:
         refreshed = fit_or_stop(real, candidates, method.valuation, out / "valuation")
@@ -448,8 +548,11 @@ def ilpo_summary(history, pool: SyntheticPool) -> dict:
     before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
     after = torch.cat([h.utility_after for h in history.prompt]) if history.prompt else torch.empty(0)
     # No wall times here (the manifest has the stage's): this file is a result, equal across resumed runs.
-    return {"utility_before": _mean(before), "utility_after_prompt": _mean(after),
-            "utility_after": _mean(pool.utilities)}  # fmt: skip
+    return {
+        "utility_before": _mean(before),
+        "utility_after_prompt": _mean(after),
+        "utility_after": _mean(pool.utilities),
+    }
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -457,17 +560,27 @@ def _mean(values: torch.Tensor) -> float | None:
     return float(finite.mean()) if finite.numel() else None
 
 
-def ablation(generator: Generator, valuation: Valuation, valuation_dir: Path, real: Splits, cfg: Config,
-             method: StageConfigs, labels: torch.Tensor, seeds: torch.Tensor,
-             directory: RunDirectory) -> None:  # fmt: skip
+def ablation(
+    generator: Generator,
+    valuation: Valuation,
+    valuation_dir: Path,
+    real: Splits,
+    cfg: Config,
+    method: StageConfigs,
+    labels: torch.Tensor,
+    seeds: torch.Tensor,
+    directory: RunDirectory,
+) -> None:
     """+MLCO (class prompts, tuned generator), +prompt and +noise (ILPO parts, generator without MLCO)."""
     pool = generate_plain(generator, labels, seeds, cfg, real, stage="ablation", progress=method.ilpo.progress)
     pool.save(directory.path / "pools/ablation-mlco")
     base = build_generator(cfg, real.class_names, generator.device)
     base.set_class_tokens(generator.class_tokens.clone())
     ilpo_all = ilpo_config(cfg, method, valuation_dir)  # the final pool's ILPO, one part at a time
-    for name, ilpo in (("ablation-prompt", dataclasses.replace(ilpo_all, noise_strategy="none")),
-                       ("ablation-noise", dataclasses.replace(ilpo_all, prompt_steps=0))):  # fmt: skip
+    for name, ilpo in (
+        ("ablation-prompt", dataclasses.replace(ilpo_all, noise_strategy="none")),
+        ("ablation-noise", dataclasses.replace(ilpo_all, prompt_steps=0)),
+    ):
         pool, _ = optimise_instances(base, valuation, labels, seeds, ilpo)
         to_task_size(pool, real).save(directory.path / f"pools/{name}")
 
@@ -475,23 +588,26 @@ def ablation(generator: Generator, valuation: Valuation, valuation_dir: Path, re
 # ------------------------------------------------------------------------------------ evaluation, metrics
 
 
-def evaluation_settings(real: Splits, plain: SyntheticPool, utilgen_pool: SyntheticPool,
-                        ablation_pools: dict[str, SyntheticPool]) -> list[TrainingSet]:  # fmt: skip
+def evaluation_settings(
+    real: Splits, plain: SyntheticPool, utilgen_pool: SyntheticPool, ablation_pools: dict[str, SyntheticPool]
+) -> list[TrainingSet]:
     settings = [TrainingSet("real-only", real.train, "real", None)]
     for name, pool in (("plain", plain), ("utilgen", utilgen_pool)):
         synthetic = pool.to_labelled()
         settings.append(TrainingSet(f"{name} synthetic-only", synthetic, "synthetic", name))
         settings.append(TrainingSet(f"{name} joint", joint(real.train, synthetic), "joint", name))
     for name, pool in ablation_pools.items():
-        settings.append(TrainingSet(f"{name.replace('ablation-', '+')} synthetic-only", pool.to_labelled(),
-                                    "synthetic", name))  # fmt: skip
+        settings.append(
+            TrainingSet(f"{name.replace('ablation-', '+')} synthetic-only", pool.to_labelled(), "synthetic", name)
+        )
     return settings
 
 
 def evaluate_or_stop(settings, test, cfg: Config, device, checkpoint: Path, key: str, progress: bool) -> dict:
     try:
-        return evaluate(settings, test, cfg.evaluation, device=device, checkpoint=checkpoint, checkpoint_key=key,
-                        progress=progress)  # fmt: skip
+        return evaluate(
+            settings, test, cfg.evaluation, device=device, checkpoint=checkpoint, checkpoint_key=key, progress=progress
+        )
     except NonFiniteTrainingError as error:
         raise StageError(f"{error}; the classifiers finished so far are kept in {checkpoint}") from error
 
@@ -507,24 +623,40 @@ def collect_metrics(cfg: Config, directory: RunDirectory, real: Splits, results:
     rounds = [json.loads((path / f"mlco/round-{r}/round.json").read_text()) for r in range(1, cfg.mlco.rounds + 1)]
     return {
         "experiment": {
-            "preset": cfg.preset, "data": cfg.data.source, "generator": cfg.generator.kind,
-            "classes": len(real.class_names), "shots_per_class": cfg.data.shots_per_class,
-            "meta_per_class": cfg.data.meta_per_class, "test_images": len(real.test.labels),
-            "synthetic_per_class": final_per_class(cfg), "mlco_rounds": cfg.mlco.rounds,
-            "classifier": cfg.evaluation.classifier, "seeds": list(cfg.evaluation.seeds),
-            "sampler_steps": cfg.generator.steps, "guidance_scale": cfg.generator.guidance_scale,
+            "preset": cfg.preset,
+            "data": cfg.data.source,
+            "generator": cfg.generator.kind,
+            "classes": len(real.class_names),
+            "shots_per_class": cfg.data.shots_per_class,
+            "meta_per_class": cfg.data.meta_per_class,
+            "test_images": len(real.test.labels),
+            "synthetic_per_class": final_per_class(cfg),
+            "mlco_rounds": cfg.mlco.rounds,
+            "classifier": cfg.evaluation.classifier,
+            "seeds": list(cfg.evaluation.seeds),
+            "sampler_steps": cfg.generator.steps,
+            "guidance_scale": cfg.generator.guidance_scale,
         },
         "accuracy": results,
-        "bar": {"synthetic_only_gain_points": gain, "required_points": BAR_POINTS,
-                "joint_gain_over_real_only_points": joint_gain,
-                "joint_above_real_only": joint_gain > 0, "met": gain >= BAR_POINTS and joint_gain > 0},
+        "bar": {
+            "synthetic_only_gain_points": gain,
+            "required_points": BAR_POINTS,
+            "joint_gain_over_real_only_points": joint_gain,
+            "joint_above_real_only": joint_gain > 0,
+            "met": gain >= BAR_POINTS and joint_gain > 0,
+        },
         "valuation": {k: valuation[k] for k in ("curve", "meta_loss", "mean_weight_real", "mean_weight_synthetic")},
         "mlco": rounds,
         "ilpo": json.loads((path / "ilpo.json").read_text()),
         "timings": directory.seconds(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "device": str(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-    }  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -534,8 +666,11 @@ def planned_bytes(cfg: Config, num_classes: int, channels: int, image_size: int)
     """A generous estimate of what the run writes: PNGs (worst case uncompressed) plus per-image tensors."""
     per_image = channels * image_size * image_size + 512
     final = final_per_class(cfg) * num_classes
-    images = (cfg.synthetic.first_pool_per_class * num_classes + final * (2 + 2 * cfg.evaluation.ablation)
-              + cfg.mlco.rounds * cfg.mlco.candidates_per_class * num_classes)  # fmt: skip
+    images = (
+        cfg.synthetic.first_pool_per_class * num_classes
+        + final * (2 + 2 * cfg.evaluation.ablation)
+        + cfg.mlco.rounds * cfg.mlco.candidates_per_class * num_classes
+    )
     latent = 4 * 64 * 64 * 4 if cfg.generator.kind != "embedded" else 4 * image_size * image_size
     prompt = 77 * 1024 * 4 if cfg.generator.kind != "embedded" else 4 * 64 * 4
     tensors = final * (1 + 2 * cfg.evaluation.ablation) * (latent + prompt)
@@ -544,8 +679,8 @@ def planned_bytes(cfg: Config, num_classes: int, channels: int, image_size: int)
 
 def describe_plan(cfg: Config) -> str:
     per_class = final_per_class(cfg)
-    return (f"{cfg.data.shots_per_class} real shots/class, meta {cfg.data.meta_per_class}/class, "
-            f"{per_class} synthetic/class ({cfg.synthetic.multiple:g}x), MLCO rounds {cfg.mlco.rounds}, "
-            f"evaluation seeds {list(cfg.evaluation.seeds)}")  # fmt: skip
-
-
+    return (
+        f"{cfg.data.shots_per_class} real shots/class, meta {cfg.data.meta_per_class}/class, "
+        f"{per_class} synthetic/class ({cfg.synthetic.multiple:g}x), MLCO rounds {cfg.mlco.rounds}, "
+        f"evaluation seeds {list(cfg.evaluation.seeds)}"
+    )

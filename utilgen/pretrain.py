@@ -34,16 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="directory for weights, config, checksum, report")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay to 10%%)")
-    parser.add_argument("--class-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class")
+    parser.add_argument(
+        "--class-dropout", type=float, default=0.1, help="fraction of labels replaced by the null class"
+    )
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model and tiny data (smoke test)")
     parser.add_argument("--evaluate", action="store_true", help="measure recognisability and sampling speed")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="no training: evaluate the verified weights already in --out (updates its report)")
-    parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
-                        help="storage precision of the saved weights (float16 halves the committed file; "
-                        "loading casts back to float32)")
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="no training: evaluate the verified weights already in --out (updates its report)",
+    )
+    parser.add_argument(
+        "--weights-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage precision of the saved weights (float16 halves the committed file; "
+        "loading casts back to float32)",
+    )
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--probe-steps", type=int, default=1500, help="training steps of the real-data CNN probe")
     parser.add_argument("--guidance", type=float, default=2.0)
@@ -65,8 +74,19 @@ def _training_images(generator, limit: int | None):
     return generator.encode(pixels), torch.from_numpy(labels)
 
 
-def train(generator, images, labels, *, steps: int, batch_size: int, lr: float, class_dropout: float,
-          ema_decay: float, seed: int, progress: bool):  # fmt: skip
+def train(
+    generator,
+    images,
+    labels,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    class_dropout: float,
+    ema_decay: float,
+    seed: int,
+    progress: bool,
+):
     """Train ``generator`` in place; returns (EMA generator, per-step losses)."""
     import torch
     import torch.nn.functional as F
@@ -108,7 +128,7 @@ def train(generator, images, labels, *, steps: int, batch_size: int, lr: float, 
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    for buffer, source in zip(ema.denoiser.buffers(), unet.buffers()):
+    for buffer, source in zip(ema.denoiser.buffers(), unet.buffers(), strict=True):
         buffer.copy_(source)
     return ema.eval(), losses
 
@@ -117,14 +137,31 @@ def _probe_network(channels: int, num_classes: int):
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.LazyLinear(128), nn.ReLU(), nn.Linear(128, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.LazyLinear(128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
 
 
-def evaluate(generator, images, labels, *, samples: int, probe_steps: int, guidance: float, sampling_steps: int,
-             seed: int, progress: bool) -> dict:  # fmt: skip
+def evaluate(
+    generator,
+    images,
+    labels,
+    *,
+    samples: int,
+    probe_steps: int,
+    guidance: float,
+    sampling_steps: int,
+    seed: int,
+    progress: bool,
+) -> dict:
     """Recognisability of samples by a real-data CNN probe, and sampling throughput."""
     import torch
     import torch.nn.functional as F
@@ -153,10 +190,13 @@ def evaluate(generator, images, labels, *, samples: int, probe_steps: int, guida
     prompts = generator.class_prompt_embeds(sample_labels)
     noise = generator.initial_noise(range(samples))
     start = time.perf_counter()
-    fake = generator.sample(prompts, noise, guidance_scale=guidance, steps=sampling_steps, batch_size=100,
-                            progress=progress)  # fmt: skip
+    fake = generator.sample(
+        prompts, noise, guidance_scale=guidance, steps=sampling_steps, batch_size=100, progress=progress
+    )
     seconds = time.perf_counter() - start
-    per_class = [accuracy(fake[sample_labels == k], sample_labels[sample_labels == k]) for k in range(generator.num_classes)]
+    per_class = [
+        accuracy(fake[sample_labels == k], sample_labels[sample_labels == k]) for k in range(generator.num_classes)
+    ]
     return {
         "probe_accuracy_on_real_held_out": round(accuracy(real[:held_out], labels[:held_out]), 4),
         "probe_accuracy_on_samples": round(accuracy(fake, sample_labels), 4),
@@ -189,26 +229,49 @@ def main(argv: list[str] | None = None) -> int:
         generator = EmbeddedGenerator(config)
         images, labels = _training_images(generator, limit=512 if args.tiny else None)
         start = time.perf_counter()
-        ema, losses = train(generator, images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            class_dropout=args.class_dropout, ema_decay=args.ema_decay, seed=args.seed,
-                            progress=progress)  # fmt: skip
+        ema, losses = train(
+            generator,
+            images,
+            labels,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            class_dropout=args.class_dropout,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            progress=progress,
+        )
         train_seconds = time.perf_counter() - start
         save_weights(ema, args.out, dtype=getattr(torch, args.weights_dtype))
         ema = load_weights(args.out)  # evaluate exactly what was saved (storage precision included)
         report = {
-            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "class_dropout": args.class_dropout,
-            "ema_decay": args.ema_decay, "seed": args.seed, "config": "tiny" if args.tiny else "default",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "class_dropout": args.class_dropout,
+            "ema_decay": args.ema_decay,
+            "seed": args.seed,
+            "config": "tiny" if args.tiny else "default",
             "weights_dtype": args.weights_dtype,
             "parameters": sum(p.numel() for p in ema.denoiser.parameters()) + ema.class_embedding.weight.numel(),
-            "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(args.steps, 1), 3),
+            "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(args.steps, 1), 3),
             "final_loss_mean_last_50": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 5),
             "training_data": "Fashion-MNIST Debian train file (disjoint from the task's test-file images)",
             "threads": torch.get_num_threads(),
-        }  # fmt: skip
+        }
     if args.evaluate or args.evaluate_only:
-        report["evaluation"] = evaluate(ema, images, labels, samples=args.eval_samples, probe_steps=args.probe_steps,
-                                        guidance=args.guidance, sampling_steps=args.sampling_steps, seed=args.seed,
-                                        progress=progress)  # fmt: skip
+        report["evaluation"] = evaluate(
+            ema,
+            images,
+            labels,
+            samples=args.eval_samples,
+            probe_steps=args.probe_steps,
+            guidance=args.guidance,
+            sampling_steps=args.sampling_steps,
+            seed=args.seed,
+            progress=progress,
+        )
     atomic_write_json(args.out / "pretrain_report.json", report)
     print(json.dumps(report, indent=2))
     return 0

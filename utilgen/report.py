@@ -194,8 +194,15 @@ def _utility_section(pools: Mapping[str, SyntheticPool]) -> _Section:
     for name in _ordered_pool_names(pools):
         utilities = _to_numpy(pools[name].utilities).astype(np.float64)
         finite = utilities[np.isfinite(utilities)]
-        rows.append([name, str(len(utilities)), str(len(finite)), _number(finite.mean() if len(finite) else None),
-                     _number(np.median(finite) if len(finite) else None)])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(len(utilities)),
+                str(len(finite)),
+                _number(finite.mean() if len(finite) else None),
+                _number(np.median(finite) if len(finite) else None),
+            ]
+        )
         (valued if len(finite) else unvalued).append((name, finite, len(utilities)))
     lines.append(_table(["pool", "images", "valued", "mean utility", "median utility"], rows, "lrrrr"))
     lines.append("")
@@ -264,8 +271,14 @@ def _mlco_section(mlco: Sequence[Mapping[str, Any]] | None) -> _Section:
     for entry in mlco:
         before, after = entry.get("implicit_accuracy_before"), entry.get("implicit_accuracy_after")
         utility = _number(entry.get("mean_candidate_utility"))
-        rows.append([str(entry.get("round", MISSING)), str(entry.get("pairs", MISSING)),
-                     f"{_percent(before)} → {_percent(after)}", utility])  # fmt: skip
+        rows.append(
+            [
+                str(entry.get("round", MISSING)),
+                str(entry.get("pairs", MISSING)),
+                f"{_percent(before)} → {_percent(after)}",
+                utility,
+            ]
+        )
     lines += [
         _table(["round", "pairs", "implicit accuracy % before → after", "mean candidate utility"], rows, "rrrr"),
         "",
@@ -374,13 +387,15 @@ def accuracy_table_markdown(accuracy: Mapping[str, Mapping[str, Any]]) -> str:
             summary = f"{_percent(mean)} ± {_percent(std)}" if std is not None else _percent(mean)
         train_set = result.get("train_set")
         size = result.get("train_size")
-        rows.append([
-            setting,
-            _TRAIN_SETS.get(train_set, train_set or MISSING),
-            str(int(size)) if _finite(size) else MISSING,
-            summary,
-            ", ".join(_percent(value) for value in per_seed) or MISSING,
-        ])  # fmt: skip
+        rows.append(
+            [
+                setting,
+                _TRAIN_SETS.get(train_set, train_set or MISSING),
+                str(int(size)) if _finite(size) else MISSING,
+                summary,
+                ", ".join(_percent(value) for value in per_seed) or MISSING,
+            ]
+        )
     header = ["setting", "train set", "train size", "accuracy % (mean ± std)", "per seed %"]
     return _table(header, rows, "llrrr") + "\n"
 
@@ -552,15 +567,21 @@ def _plot_accuracy(accuracy: Mapping[str, Mapping[str, Any]]) -> bytes:
             ticks.append(x)
             labels.append(textwrap.fill(_bar_label(name, group), 14))
             x += 1.0
-        axes.text((start + x - 1.0) / 2, 1.01, _GROUP_TITLES.get(group, group), transform=axes.get_xaxis_transform(),
-                  ha="center", va="bottom", fontweight="bold")  # fmt: skip
+        axes.text(
+            (start + x - 1.0) / 2,
+            1.01,
+            _GROUP_TITLES.get(group, group),
+            transform=axes.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontweight="bold",
+        )
         if position < len(order) - 1:
             axes.axvline(x - 0.25, color="#bbbbbb", linewidth=1)
             x += 0.5  # a gap marks the group boundary
     # one line style per real-only setting (three at most; there is normally one)
-    for style, (name, result) in zip(
-        ("--", "-.", ":"), ((n, r) for n, r in accuracy.items() if r.get("train_set") == "real")
-    ):
+    real_only = [name for name, result in accuracy.items() if result.get("train_set") == "real"]
+    for style, name in zip(("--", "-.", ":"), real_only, strict=False):
         mean, std, _ = stats[name]
         if mean is None:
             continue
@@ -570,8 +591,10 @@ def _plot_accuracy(accuracy: Mapping[str, Mapping[str, Any]]) -> bytes:
     axes.set_xticks(ticks, labels)
     if not ticks:
         axes.set_xlim(-0.5, 0.5)
-    top = max([100 * (m + (s or 0)) for m, s, _ in stats.values() if m is not None]
-              + [100 * v for _, _, seeds in stats.values() for v in seeds])  # fmt: skip
+    top = max(
+        [100 * (m + (s or 0)) for m, s, _ in stats.values() if m is not None]
+        + [100 * v for _, _, seeds in stats.values() for v in seeds]
+    )
     axes.set_ylim(0, min(100.0, top * 1.08 + 2))
     axes.set_ylabel("test accuracy (%)")
     axes.grid(axis="y", alpha=0.3)
@@ -593,7 +616,7 @@ def _plot_utility_histograms(valued: Sequence[tuple[str, np.ndarray, int]]) -> b
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
     figure = _new_figure(6.5, 0.9 + 1.35 * len(valued))
     panels = figure.subplots(len(valued), 1, sharex=True, squeeze=False)[:, 0]
-    for position, (axes, (name, values, total)) in enumerate(zip(panels, valued)):
+    for position, (axes, (name, values, total)) in enumerate(zip(panels, valued, strict=True)):
         outside = int(np.sum((values < 0) | (values > 1)))
         # clipped into the end bins so an out-of-range value is still counted (and said so in the title)
         axes.hist(np.clip(values, 0.0, 1.0), bins=edges, color=_pool_colour(name, position))
@@ -616,8 +639,13 @@ def _plot_weight_curve(loss: list[float], weight: list[float], ln_k: float | Non
     axes.plot(loss_array[order], weight_array[order], color="#4c72b0", linewidth=1.8, label="w(loss)")
     if np.isfinite(weight_array).any():
         peak = int(np.nanargmax(weight_array))
-        axes.scatter([loss_array[peak]], [weight_array[peak]], color="#c44e52", zorder=3,
-                     label=f"peak w = {weight_array[peak]:.3f} at loss {loss_array[peak]:.2f}")  # fmt: skip
+        axes.scatter(
+            [loss_array[peak]],
+            [weight_array[peak]],
+            color="#c44e52",
+            zorder=3,
+            label=f"peak w = {weight_array[peak]:.3f} at loss {loss_array[peak]:.2f}",
+        )
     if ln_k is not None:
         axes.axvline(ln_k, color="black", linestyle=":", linewidth=1.2, label=f"ln K = {ln_k:.2f} (K = {class_count})")
     axes.set_xlabel("per-sample loss")
@@ -636,8 +664,9 @@ def _plot_dpo_curves(curves: Sequence[tuple[Any, list[float], list[float]]]) -> 
         if loss:
             loss_axes.plot(np.arange(len(loss)), loss, color=colour, label=f"round {round_index}")
         if accuracy:
-            accuracy_axes.plot(np.arange(len(accuracy)), 100 * np.asarray(accuracy), color=colour,
-                               label=f"round {round_index}")  # fmt: skip
+            accuracy_axes.plot(
+                np.arange(len(accuracy)), 100 * np.asarray(accuracy), color=colour, label=f"round {round_index}"
+            )
     loss_axes.axhline(math.log(2), color="black", linestyle=":", linewidth=1, label="ln 2")
     accuracy_axes.axhline(50, color="black", linestyle=":", linewidth=1, label="chance")
     for axes, title, ylabel in ((loss_axes, "DPO loss", "loss"), (accuracy_axes, "implicit accuracy", "%")):
@@ -670,7 +699,7 @@ def _plot_samples_side_by_side(plain: SyntheticPool, utilgen: SyntheticPool) -> 
     figure = _new_figure(1.3 + sum(widths) * _CELL_INCHES + 0.3, 0.6 + len(left[0]) * _CELL_INCHES)
     panels = figure.subplots(1, 2, width_ratios=widths)
     for axes, (rows, columns, height, width), title, show in zip(
-        panels, (left, right), ("plain", "utilgen"), (True, False)
+        panels, (left, right), ("plain", "utilgen"), (True, False), strict=True
     ):
         _draw_grid(axes, _montage(rows, columns, height, width, _PAD), plain.class_names, height, show_labels=show)
         axes.set_title(title, loc="left", fontsize=10)

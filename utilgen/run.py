@@ -30,11 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done; 1 a stage stopped (resume with --resume); 2 bad input; 130 interrupted.",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", help="smoke | default | sd21 (Stable Diffusion 2.1; needs --generator and --data). "
-                     "Default: the config file's `preset`, else default")  # fmt: skip
+    run.add_argument(
+        "--preset",
+        help="smoke | default | sd21 (Stable Diffusion 2.1; needs --generator and --data). "
+        "Default: the config file's `preset`, else default",
+    )
     run.add_argument("--config", metavar="FILE", help="YAML or TOML file of sections, e.g. [mlco] rounds = 2")
-    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                     help="override one key, e.g. --set mlco.rounds=2 --set evaluation.seeds=0,1,2 (repeatable)")
+    run.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one key, e.g. --set mlco.rounds=2 --set evaluation.seeds=0,1,2 (repeatable)",
+    )
     run.add_argument("--generator", metavar="PATH", help="a local Stable Diffusion directory (diffusers layout)")
     run.add_argument("--data", metavar="PATH", help="an ImageFolder: PATH/<class>/<image>")
     run.add_argument("--out", metavar="DIR", help="the run directory (new or empty). Default: runs/<preset>-<time>")
@@ -46,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     output.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     info = parser.add_argument_group("environment")
-    info.add_argument("--info", action="store_true",
-                      help="print versions, whether utilgen._C loaded (and why not), CUDA/Triton availability, the "
-                           "backend each op would use and the generator's attention (xformers/SDPA), with reasons")
+    info.add_argument(
+        "--info",
+        action="store_true",
+        help="print versions, whether utilgen._C loaded (and why not), CUDA/Triton availability, the "
+        "backend each op would use and the generator's attention (xformers/SDPA), with reasons",
+    )
     info.add_argument("--json", action="store_true", help="with --info: print the report as JSON")
     return parser
 
@@ -84,8 +96,10 @@ def resolve(args: argparse.Namespace):
     if args.resume:
         for option in ("preset", "config", "generator", "data", "seed", "out"):
             if getattr(args, option) is not None:
-                raise ConfigError(f"--resume continues a run with its saved config; --{option} cannot change it "
-                                  "(--set and --device may adjust stages not yet done)")  # fmt: skip
+                raise ConfigError(
+                    f"--resume continues a run with its saved config; --{option} cannot change it "
+                    "(--set and --device may adjust stages not yet done)"
+                )
         saved = RunDirectory.open(args.resume).read_config()
         config_from_dict(saved)  # the saved config itself is checked (errors name config.json)
         preset = saved.pop("preset", "default")
@@ -159,8 +173,11 @@ def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
         metrics = loop.run(config, run_dir, data, progress=not quiet)
     except loop.StageError as error:
         print(f"utilgen: stopped: {error}", file=sys.stderr)
-        print(f"utilgen: the finished stages are kept; continue with: python -m utilgen.run --resume {run_dir.path} "
-              "--set KEY=VALUE", file=sys.stderr)  # fmt: skip
+        print(
+            f"utilgen: the finished stages are kept; continue with: python -m utilgen.run --resume {run_dir.path} "
+            "--set KEY=VALUE",
+            file=sys.stderr,
+        )
         return EXIT_STAGE_STOPPED
     except KeyboardInterrupt:
         print(f"\nutilgen: interrupted; continue with: python -m utilgen.run --resume {run_dir.path}", file=sys.stderr)
@@ -197,19 +214,28 @@ def preflight(config, directory: Path, resuming: bool):
 
         resolve_attention(config.generator.attention, device)
         if device.type == "cpu" and config.generator.dtype != "float32":
-            log.warning("generator.dtype=%s on the CPU is slow or unsupported; --set generator.dtype=float32",
-                        config.generator.dtype)  # fmt: skip
+            log.warning(
+                "generator.dtype=%s on the CPU is slow or unsupported; --set generator.dtype=float32",
+                config.generator.dtype,
+            )
     data = loop.load_task_data(config)
     loop.check_generator_fits_data(config, data)
-    make_splits(data, shots_per_class=config.data.shots_per_class, meta_per_class=config.data.meta_per_class,
-                test_per_class=config.data.test_per_class, seed=config.data.split_seed)  # fmt: skip
+    make_splits(
+        data,
+        shots_per_class=config.data.shots_per_class,
+        meta_per_class=config.data.meta_per_class,
+        test_per_class=config.data.test_per_class,
+        seed=config.data.split_seed,
+    )
     if resuming and (directory / "splits.json").exists():  # the data must still be the data the run split
         splits_from_indices(data, load_split_indices(directory / "splits.json"))
     needed = loop.planned_bytes(config, len(data.class_names), data.images.shape[1], data.images.shape[-1])
     available = free_bytes(directory)
     if available < needed:
-        raise ConfigError(f"not enough disk space for the run in {directory}: it plans to write about "
-                          f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free")  # fmt: skip
+        raise ConfigError(
+            f"not enough disk space for the run in {directory}: it plans to write about "
+            f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free"
+        )
     return device, data
 
 
@@ -219,9 +245,11 @@ def print_summary(metrics: dict, path: Path) -> None:
     print(accuracy_table_markdown(metrics["accuracy"]))
     bar = metrics["bar"]
     verdict = "met" if bar["met"] else "NOT met"
-    print(f"UtilGen vs plain (synthetic-only): {bar['synthetic_only_gain_points']:+.1f} points; joint vs real-only: "
-          f"{bar['joint_gain_over_real_only_points']:+.1f} points; bar ({bar['required_points']:g} points and joint "
-          f"above real-only): {verdict}")  # fmt: skip
+    print(
+        f"UtilGen vs plain (synthetic-only): {bar['synthetic_only_gain_points']:+.1f} points; joint vs real-only: "
+        f"{bar['joint_gain_over_real_only_points']:+.1f} points; bar ({bar['required_points']:g} points and joint "
+        f"above real-only): {verdict}"
+    )
     print(f"report: {path / 'report.md'}")
 
 
@@ -236,8 +264,10 @@ def print_info(as_json: bool) -> int:
         print(json.dumps({**ops.info(), "generator": {"attention": generator_attention}}, indent=2, default=str))
     else:
         print(ops.info_text())
-        print(f"generator attention [{generator_attention['device']}]: auto -> {generator_attention['auto']} "
-              f"({generator_attention['reason']})")  # fmt: skip
+        print(
+            f"generator attention [{generator_attention['device']}]: auto -> {generator_attention['auto']} "
+            f"({generator_attention['reason']})"
+        )
     return 0
 
 

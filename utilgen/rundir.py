@@ -80,8 +80,10 @@ class RunDirectory:
     def open(cls, path: str | os.PathLike) -> RunDirectory:
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / MANIFEST).is_file():
-            raise RunDirectoryError(f"{path} is not a utilgen run directory (no {CONFIG} and {MANIFEST}); "
-                                    "--resume takes the --out directory of an earlier run")  # fmt: skip
+            raise RunDirectoryError(
+                f"{path} is not a utilgen run directory (no {CONFIG} and {MANIFEST}); "
+                "--resume takes the --out directory of an earlier run"
+            )
         return cls(path)
 
     def read_config(self) -> dict:
@@ -126,15 +128,23 @@ class RunDirectory:
 
     def mark_done(self, name: str, key: str, outputs: list[str], seconds: float, info: dict | None = None) -> None:
         self.manifest["stages"][name] = {
-            "status": "done", "key": key, "seconds": round(seconds, 3),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": output_hashes(self.path, outputs),
+            "status": "done",
+            "key": key,
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "outputs": output_hashes(self.path, outputs),
             **({"info": info} if info else {}),
-        }  # fmt: skip
+        }
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def mark_failed(self, name: str, key: str, message: str, seconds: float) -> None:
-        self.manifest["stages"][name] = {"status": "failed", "key": key, "seconds": round(seconds, 3),
-                                         "error": message, "outputs": {}}  # fmt: skip
+        self.manifest["stages"][name] = {
+            "status": "failed",
+            "key": key,
+            "seconds": round(seconds, 3),
+            "error": message,
+            "outputs": {},
+        }
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def seconds(self) -> dict[str, float]:

@@ -30,15 +30,22 @@ class ClipAlignment:
         device = next(model.parameters()).device
         tokens = tokenizer([template.format(name) for name in self.class_names], padding=True, return_tensors="pt")
         with torch.no_grad():
-            text = model.text_model(input_ids=tokens["input_ids"].to(device),
-                                    attention_mask=tokens["attention_mask"].to(device)).pooler_output
+            text = model.text_model(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+            ).pooler_output
             self.text_features = F.normalize(model.text_projection(text).float(), dim=-1)  # (K, E)
         self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def from_directory(cls, path: str | Path, class_names: Sequence[str], *, template: str = "a photo of a {}.",
-                       device: str | torch.device = "cpu") -> ClipAlignment:  # fmt: skip
+    def from_directory(
+        cls,
+        path: str | Path,
+        class_names: Sequence[str],
+        *,
+        template: str = "a photo of a {}.",
+        device: str | torch.device = "cpu",
+    ) -> ClipAlignment:
         """A CLIP model and tokenizer saved with ``save_pretrained`` in ``path`` (loaded offline)."""
         from transformers import CLIPModel, CLIPTokenizer
 

@@ -101,7 +101,9 @@ class ILPOConfig:
         if self.grad_steps > self.steps:
             raise ValueError(f"grad_steps ({self.grad_steps}) cannot exceed steps ({self.steps})")
         if self.noise_grad_steps is not None and not 1 <= self.noise_grad_steps <= self.steps:
-            raise ValueError(f"noise_grad_steps must lie in [1, steps={self.steps}] or be None, got {self.noise_grad_steps}")
+            raise ValueError(
+                f"noise_grad_steps must lie in [1, steps={self.steps}] or be None, got {self.noise_grad_steps}"
+            )
         if self.drift_weight < 0 or self.min_improvement < 0 or self.clip_weight < 0:
             raise ValueError("drift_weight, clip_weight and min_improvement must be >= 0")
         if self.embed_max_distance is not None and not self.embed_max_distance > 0:
@@ -153,8 +155,15 @@ def _to_valuation_shape(images: Tensor, valuation: Valuation) -> Tensor:
 def _render(generator: Generator, prompts: Tensor, noise: Tensor, config: ILPOConfig, part: str) -> Tensor:
     """images (N, C, H, W) with a graph to ``part`` ("prompt" or "noise")."""
     grad_steps = config.grad_steps if part == "prompt" else (config.noise_grad_steps or config.steps)
-    return sample_differentiable(generator, prompts, noise, steps=config.steps, guidance_scale=config.guidance_scale,
-                                 grad_steps=grad_steps, checkpoint=True)  # fmt: skip
+    return sample_differentiable(
+        generator,
+        prompts,
+        noise,
+        steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        grad_steps=grad_steps,
+        checkpoint=True,
+    )
 
 
 def _drift(valuation: Valuation, images: Tensor, labels: Tensor, prompts: Tensor, anchor: Tensor, kind: str) -> Tensor:
@@ -251,11 +260,11 @@ def _ascend(
         full_grad = torch.zeros_like(params)
         full_grad[index] = grad.float()
         before = params.clone()
-        update = dict(state=state, optimizer="adam", maximize=True, active=active, backend=config.backend)
+        update = {"state": state, "optimizer": "adam", "maximize": True, "active": active, "backend": config.backend}
         if part == "prompt":
             bound = {}
             if config.embed_max_distance is not None:
-                bound = dict(embed_anchor=anchor.float().contiguous(), embed_max_distance=config.embed_max_distance)
+                bound = {"embed_anchor": anchor.float().contiguous(), "embed_max_distance": config.embed_max_distance}
             latent_update(None, None, params, full_grad, embed_lr=lr, **bound, **update)
         else:
             latent_update(params, full_grad, None, None, noise_lr=lr, project_noise=True, **update)
@@ -296,9 +305,20 @@ def optimise_prompts(
     labels = torch.as_tensor(labels, dtype=torch.long)
     anchor = generator.class_prompt_embeds(labels)  # (N, L, D)
     noise = noise.to(device=generator.device, dtype=generator.dtype)
-    best, history = _ascend(generator, valuation, labels, anchor, noise, part="prompt", steps=config.prompt_steps,
-                            lr=config.prompt_lr, config=config, anchor=anchor, clip=clip,
-                            desc="ILPO prompts")  # fmt: skip
+    best, history = _ascend(
+        generator,
+        valuation,
+        labels,
+        anchor,
+        noise,
+        part="prompt",
+        steps=config.prompt_steps,
+        lr=config.prompt_lr,
+        config=config,
+        anchor=anchor,
+        clip=clip,
+        desc="ILPO prompts",
+    )
     return best.to(generator.dtype), history
 
 
@@ -319,15 +339,30 @@ def refine_noise(
     if config.noise_strategy == "none":
         return noise, None
     if config.noise_strategy == "redenoise":
-        refined = redenoise_noise(generator, noise, prompts, steps=config.steps,
-                                  high_guidance=config.redenoise_high_guidance,
-                                  low_guidance=config.redenoise_low_guidance)  # fmt: skip
+        refined = redenoise_noise(
+            generator,
+            noise,
+            prompts,
+            steps=config.steps,
+            high_guidance=config.redenoise_high_guidance,
+            low_guidance=config.redenoise_low_guidance,
+        )
         return refined, None
     if valuation is None:
         raise ValueError('noise_strategy="gradient" climbs the utility: it needs a valuation')
     labels = torch.as_tensor(labels, dtype=torch.long)
-    best, history = _ascend(generator, valuation, labels, prompts, noise, part="noise", steps=config.noise_steps,
-                            lr=config.noise_lr, config=config, desc="ILPO noise")  # fmt: skip
+    best, history = _ascend(
+        generator,
+        valuation,
+        labels,
+        prompts,
+        noise,
+        part="noise",
+        steps=config.noise_steps,
+        lr=config.noise_lr,
+        config=config,
+        desc="ILPO noise",
+    )
     return best.to(generator.dtype), history
 
 
@@ -338,7 +373,7 @@ def optimise_instances(
     seeds: Tensor,
     config: ILPOConfig = ILPOConfig(),
     *,
-    round: int = 0,  # noqa: A002 - the paper's word, as SyntheticPool.create
+    round: int = 0,
     clip: ClipAlignment | None = None,
 ) -> tuple[SyntheticPool, ILPOHistory]:
     """ILPO for N instances (labels (N,), seeds (N,)), in batches: prompts, then noise, then generation.
@@ -362,17 +397,36 @@ def optimise_instances(
         history.prompt.append(prompt_history)
         if noise_history is not None:
             history.noise.append(noise_history)
-        images.append(generator.sample(batch_prompts, batch_noise, guidance_scale=config.guidance_scale,
-                                       steps=config.steps, batch_size=config.batch_size))  # fmt: skip
+        images.append(
+            generator.sample(
+                batch_prompts,
+                batch_noise,
+                guidance_scale=config.guidance_scale,
+                steps=config.steps,
+                batch_size=config.batch_size,
+            )
+        )
         prompts.append(batch_prompts.detach().float().cpu())
         noises.append(batch_noise.detach().float().cpu())
     if not images:
         raise ValueError("optimise_instances needs at least one instance")
     images = torch.cat(images)
-    pool = SyntheticPool.create(images, labels, valuation.class_names, seeds, round=round, stage=STAGE,
-                                prompt_embeds=torch.cat(prompts), noises=torch.cat(noises))  # fmt: skip
+    pool = SyntheticPool.create(
+        images,
+        labels,
+        valuation.class_names,
+        seeds,
+        round=round,
+        stage=STAGE,
+        prompt_embeds=torch.cat(prompts),
+        noises=torch.cat(noises),
+    )
     pool.utilities = valuation.score(_to_valuation_shape(images, valuation), labels).float()
     before = torch.cat([h.utility_before for h in history.prompt])
-    log.info("ILPO: %d instances, mean utility %.4f with the class prompt -> %.4f generated", len(pool),
-             float(before.mean()), float(pool.utilities.mean()))  # fmt: skip
+    log.info(
+        "ILPO: %d instances, mean utility %.4f with the class prompt -> %.4f generated",
+        len(pool),
+        float(before.mean()),
+        float(pool.utilities.mean()),
+    )
     return pool, history

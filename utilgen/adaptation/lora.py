@@ -48,7 +48,11 @@ def adapter_parameters(denoiser: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def attach_adapters(
-    denoiser: nn.Module, *, rank: int = 8, alpha: float = 8.0, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    denoiser: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 8.0,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     seed: int = 0,
 ) -> dict[str, nn.Parameter]:
     """Add the LoRA adapter (B = 0: the model's output is unchanged) and make only it trainable.
@@ -109,8 +113,11 @@ def reanchor(denoiser: nn.Module, *, seed: int = 0) -> None:
 
 def _settings(denoiser: nn.Module) -> dict:
     layer = _lora_layers(denoiser)[0]
-    return {"rank": int(layer.r[ADAPTER_NAME]), "alpha": float(layer.lora_alpha[ADAPTER_NAME]),
-            "target_modules": sorted(denoiser.peft_config[ADAPTER_NAME].target_modules)}  # fmt: skip
+    return {
+        "rank": int(layer.r[ADAPTER_NAME]),
+        "alpha": float(layer.lora_alpha[ADAPTER_NAME]),
+        "target_modules": sorted(denoiser.peft_config[ADAPTER_NAME].target_modules),
+    }
 
 
 def save_adapters(denoiser: nn.Module, path: str | os.PathLike) -> Path:
@@ -134,8 +141,9 @@ def load_adapters(denoiser: nn.Module, path: str | os.PathLike) -> dict[str, nn.
         raise ValueError(f"{path} is not a utilgen MLCO adapter file (format {header.get('format')!r})")
     settings = json.loads(header["settings"])
     if not has_adapters(denoiser):
-        attach_adapters(denoiser, rank=settings["rank"], alpha=settings["alpha"],
-                        target_modules=settings["target_modules"])  # fmt: skip
+        attach_adapters(
+            denoiser, rank=settings["rank"], alpha=settings["alpha"], target_modules=settings["target_modules"]
+        )
     elif _settings(denoiser) != settings:
         raise ValueError(f"the denoiser's adapter {_settings(denoiser)} differs from the saved one {settings}")
     tensors = load_safetensors(path.read_bytes())

@@ -147,8 +147,16 @@ def pair_errors(
 
 
 def dpo_gradients(
-    generator: Generator, params: dict[str, torch.nn.Parameter], x0_w: Tensor, x0_l: Tensor, prompts: Tensor, t: Tensor,
-    eps: Tensor, *, beta: float, max_grad_norm: float,
+    generator: Generator,
+    params: dict[str, torch.nn.Parameter],
+    x0_w: Tensor,
+    x0_l: Tensor,
+    prompts: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    *,
+    beta: float,
+    max_grad_norm: float,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The DPO loss on one batch, backpropagated into the adapter ``params`` and clipped (no optimizer step).
 
@@ -176,8 +184,11 @@ class _PairTensors:
     @classmethod
     def of(cls, generator: Generator, pairs: Pairs) -> _PairTensors:
         with torch.no_grad():
-            return cls(generator.encode(pairs.winner_images), generator.encode(pairs.loser_images),
-                       generator.class_prompt_embeds(pairs.labels))  # fmt: skip
+            return cls(
+                generator.encode(pairs.winner_images),
+                generator.encode(pairs.loser_images),
+                generator.class_prompt_embeds(pairs.labels),
+            )
 
     def draw(self, index: Tensor, rng: torch.Generator, num_timesteps: int) -> tuple[Tensor, ...]:
         """The pairs at ``index`` (B,) with a fresh timestep (B,) and noise (B, C, H, W) per pair (CPU RNG)."""
@@ -203,8 +214,13 @@ def prepare_round(generator: Generator, config: DPOConfig, round_index: int) -> 
     """Attach the adapter on the first use; re-anchor it at later rounds when ``config.reanchor``. True if merged."""
     denoiser = generator.denoiser
     if not has_adapters(denoiser):
-        attach_adapters(denoiser, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.target_modules,
-                        seed=config.seed)  # fmt: skip
+        attach_adapters(
+            denoiser,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            target_modules=config.target_modules,
+            seed=config.seed,
+        )
         return False
     if config.reanchor and round_index > 0:
         reanchor(denoiser, seed=config.seed + round_index)
@@ -252,8 +268,9 @@ def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, ro
                 f"MLCO DPO round {round_index}: {'loss' if not math.isfinite(loss_value) else 'gradient norm'} is "
                 f"{loss_value if not math.isfinite(loss_value) else grad_value} at step {step}; the adapter is back "
                 f"at its weights before step {max(step - 1, 0)} (the last finite one). Lower lr or beta.",
-                step=step, result=result,
-            )  # fmt: skip
+                step=step,
+                result=result,
+            )
         last_good = _snapshot(params)  # these weights gave a finite loss and gradient
         optimizer.step()
         history.loss.append(loss_value)
@@ -263,9 +280,16 @@ def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, ro
         history.mse_gap_losers.append(float((model_l - ref_l).mean()))
         result.steps_done = step + 1
         if step % config.log_every == 0 or step == config.steps - 1:
-            log.info("MLCO round %d step %d: loss %.4f implicit_acc %.3f mse_gap w %.2e l %.2e grad %.3g", round_index,
-                     step, loss_value, history.implicit_acc[-1], history.mse_gap_winners[-1],
-                     history.mse_gap_losers[-1], grad_value)  # fmt: skip
+            log.info(
+                "MLCO round %d step %d: loss %.4f implicit_acc %.3f mse_gap w %.2e l %.2e grad %.3g",
+                round_index,
+                step,
+                loss_value,
+                history.implicit_acc[-1],
+                history.mse_gap_winners[-1],
+                history.mse_gap_losers[-1],
+                grad_value,
+            )
     return result
 
 
@@ -296,8 +320,9 @@ def evaluate_pairs(
     adapted = has_adapters(generator.denoiser)
     for _ in range(draws):
         for start in range(0, len(pairs), batch_pairs):
-            x0_w, x0_l, prompts, t, eps = data.draw(torch.arange(start, min(start + batch_pairs, len(pairs))), rng,
-                                                    num_timesteps)  # fmt: skip
+            x0_w, x0_l, prompts, t, eps = data.draw(
+                torch.arange(start, min(start + batch_pairs, len(pairs))), rng, num_timesteps
+            )
             model = pair_errors(generator, x0_w, x0_l, prompts, t, eps)
             if adapted:
                 with adapters_disabled(generator.denoiser):
@@ -305,7 +330,7 @@ def evaluate_pairs(
             else:
                 ref = model
             errors.append((*model, *ref))
-    model_w, model_l, ref_w, ref_l = (torch.cat(parts) for parts in zip(*errors))
+    model_w, model_l, ref_w, ref_l = (torch.cat(parts) for parts in zip(*errors, strict=True))
     return PairEvaluation(
         loss=float(dpo_loss(model_w, model_l, ref_w, ref_l, beta)),
         implicit_acc=float(implicit_accuracy(model_w, model_l, ref_w, ref_l)),

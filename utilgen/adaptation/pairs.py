@@ -65,8 +65,10 @@ def build_pairs(
     """
     n = images.shape[0]
     if labels.shape != (n,) or utilities.shape != (n,) or seeds.shape != (n,):
-        raise ValueError(f"labels, utilities and seeds must have shape ({n},), got "
-                         f"{tuple(labels.shape)}, {tuple(utilities.shape)}, {tuple(seeds.shape)}")  # fmt: skip
+        raise ValueError(
+            f"labels, utilities and seeds must have shape ({n},), got "
+            f"{tuple(labels.shape)}, {tuple(utilities.shape)}, {tuple(seeds.shape)}"
+        )
     if pairs_per_class < 1:
         raise ValueError(f"pairs_per_class must be >= 1, got {pairs_per_class}")
     if not (min_gap >= 0 and math.isfinite(min_gap)):
@@ -89,17 +91,23 @@ def build_pairs(
     w = torch.tensor(winners, dtype=torch.int64)
     lo = torch.tensor(losers, dtype=torch.int64)
     return Pairs(
-        winners=w, losers=lo, labels=labels[w].clone(),
-        winner_images=images[w].float(), loser_images=images[lo].float(),
-        winner_utilities=utilities[w], loser_utilities=utilities[lo], winner_seeds=seeds[w].clone(),
+        winners=w,
+        losers=lo,
+        labels=labels[w].clone(),
+        winner_images=images[w].float(),
+        loser_images=images[lo].float(),
+        winner_utilities=utilities[w],
+        loser_utilities=utilities[lo],
+        winner_seeds=seeds[w].clone(),
         loser_seeds=seeds[lo].clone(),
-    )  # fmt: skip
+    )
 
 
 def pairs_from_pool(pool: SyntheticPool, *, pairs_per_class: int = 4, min_gap: float = 0.05) -> Pairs:
     """``build_pairs`` on a valued pool (indices refer to the pool's order)."""
-    return build_pairs(pool.images, pool.labels, pool.utilities, pool.seeds, pairs_per_class=pairs_per_class,
-                       min_gap=min_gap)  # fmt: skip
+    return build_pairs(
+        pool.images, pool.labels, pool.utilities, pool.seeds, pairs_per_class=pairs_per_class, min_gap=min_gap
+    )
 
 
 def generate_candidates(
@@ -110,7 +118,7 @@ def generate_candidates(
     seeds: Sequence[int],
     *,
     class_names: Sequence[str] | None = None,
-    round: int = 0,  # noqa: A002 - the paper's word
+    round: int = 0,
     guidance_scale: float = 2.0,
     steps: int = 20,
     batch_size: int = 64,
@@ -127,16 +135,26 @@ def generate_candidates(
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     if len(seeds) != len(classes) * per_class:
-        raise ValueError(f"need one seed per candidate: {len(classes)} classes x {per_class} = "
-                         f"{len(classes) * per_class}, got {len(seeds)}")  # fmt: skip
+        raise ValueError(
+            f"need one seed per candidate: {len(classes)} classes x {per_class} = "
+            f"{len(classes) * per_class}, got {len(seeds)}"
+        )
     labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(per_class)  # (N,)
     prompts = generator.class_prompt_embeds(labels)  # (N, L, D)
     noise = generator.initial_noise(seeds)  # (N, C, H, W)
-    images = generator.sample(prompts, noise, guidance_scale=guidance_scale, steps=steps, batch_size=batch_size,
-                              progress=progress)  # fmt: skip
+    images = generator.sample(
+        prompts, noise, guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, progress=progress
+    )
     utilities = valuation.score(images, labels)  # (N,)
     names = class_names or getattr(valuation, "class_names", None) or [str(k) for k in range(generator.num_classes)]
-    pool = SyntheticPool.create(images, labels, names, torch.tensor([int(s) for s in seeds], dtype=torch.int64),
-                                round=round, stage=CANDIDATE_STAGE, prompt_embeds=prompts.detach().cpu(),
-                                noises=noise.detach().cpu())  # fmt: skip
+    pool = SyntheticPool.create(
+        images,
+        labels,
+        names,
+        torch.tensor([int(s) for s in seeds], dtype=torch.int64),
+        round=round,
+        stage=CANDIDATE_STAGE,
+        prompt_embeds=prompts.detach().cpu(),
+        noises=noise.detach().cpu(),
+    )
     return pool.with_utilities(utilities.float().cpu())

@@ -25,8 +25,9 @@ from utilgen.data import SyntheticPool
 SELECTION_MODES = ("top", "band", "first")
 
 
-def select_indices_per_class(labels: Tensor, utilities: Tensor, per_class: int, *, mode: str = "top",
-                             drop_fraction: float = 0.0) -> Tensor:  # fmt: skip
+def select_indices_per_class(
+    labels: Tensor, utilities: Tensor, per_class: int, *, mode: str = "top", drop_fraction: float = 0.0
+) -> Tensor:
     """(M,) int64 indices, ascending, of the kept candidates: ``per_class`` of every class present.
 
     labels (N,) int64; utilities (N,) float without NaN. Raises if a class has fewer than
@@ -41,7 +42,9 @@ def select_indices_per_class(labels: Tensor, utilities: Tensor, per_class: int, 
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     utilities = torch.as_tensor(utilities).float().cpu()
     if labels.dim() != 1 or utilities.shape != labels.shape:
-        raise ValueError(f"labels and utilities must be (N,) each, got {tuple(labels.shape)} and {tuple(utilities.shape)}")
+        raise ValueError(
+            f"labels and utilities must be (N,) each, got {tuple(labels.shape)} and {tuple(utilities.shape)}"
+        )
     if mode != "first" and bool(torch.isnan(utilities).any()):
         raise ValueError("utilities hold NaN: value every candidate before selecting")
     kept = []
@@ -63,7 +66,9 @@ def select_indices_per_class(labels: Tensor, utilities: Tensor, per_class: int, 
     return torch.sort(torch.cat(kept)).values
 
 
-def select_per_class(pool: SyntheticPool, per_class: int, *, mode: str = "top", drop_fraction: float = 0.0) -> SyntheticPool:
+def select_per_class(
+    pool: SyntheticPool, per_class: int, *, mode: str = "top", drop_fraction: float = 0.0
+) -> SyntheticPool:
     """The sub-pool of ``select_indices_per_class`` on a valued pool (``pool.utilities`` set)."""
     if pool.utilities is None:
         raise ValueError("the pool has no utilities: value it (Valuation.score) before selecting")

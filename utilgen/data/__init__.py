@@ -12,6 +12,8 @@
 
 from utilgen.data.fashion_mnist import (
     CLASS_NAMES as FASHION_MNIST_CLASSES,
+)
+from utilgen.data.fashion_mnist import (
     FashionMNISTUnavailable,
     load_debian,
     load_debian_images,

@@ -21,9 +21,17 @@ import torch
 from utilgen.data.images import LabelledImages, resize_uint8, uint8_to_tensor
 
 CLASS_NAMES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)  # fmt: skip
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 
 DEBIAN_DIR = Path(os.environ.get("UTILGEN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 _FILES = {

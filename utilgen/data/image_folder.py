@@ -121,7 +121,7 @@ def load_image_folder(
         for path in files:
             try:
                 pixels.append(_decode(path, channels, image_size))
-            except Exception as error:  # noqa: BLE001 - any decoder failure is a property of the file
+            except Exception as error:
                 problems.append((str(path), _reason(error)))
                 continue
             labels.append(len(kept_names))

@@ -92,7 +92,7 @@ class SyntheticPool:
         class_names: Sequence[str],
         seeds: Tensor,
         *,
-        round: int,  # noqa: A002 - the paper's word
+        round: int,
         stage: str,
         prompt_embeds: Tensor | None = None,
         noises: Tensor | None = None,
@@ -119,8 +119,12 @@ class SyntheticPool:
         n = images.shape[0]
         if images.shape[1] not in _MODES:
             raise ValueError(f"images must have 1 or 3 channels (saved as 8-bit L or RGB PNG), got {images.shape[1]}")
-        for name, dtype in (("labels", torch.int64), ("seeds", torch.int64), ("rounds", torch.int64),
-                            ("utilities", torch.float32)):  # fmt: skip
+        for name, dtype in (
+            ("labels", torch.int64),
+            ("seeds", torch.int64),
+            ("rounds", torch.int64),
+            ("utilities", torch.float32),
+        ):
             value = getattr(self, name)
             if not isinstance(value, Tensor) or value.shape != (n,) or value.dtype != dtype:
                 raise ValueError(f"{name} must be {dtype} of shape ({n},), got {_describe(value)}")
@@ -157,7 +161,7 @@ class SyntheticPool:
         return [
             f"r{r}-{stage}-c{label}-s{seed}"
             for r, stage, label, seed in zip(
-                self.rounds.tolist(), self.stages, self.labels.tolist(), self.seeds.tolist()
+                self.rounds.tolist(), self.stages, self.labels.tolist(), self.seeds.tolist(), strict=True
             )
         ]
 
@@ -285,7 +289,7 @@ class SyntheticPool:
         }
         atomic_write_bytes(target / TENSORS_FILE, safetensors_bytes(tensors, metadata=header))
         atomic_write_jsonl(target / METADATA_FILE, rows)  # last: its presence marks a complete pool
-        for folder in sorted({Path(row["file"]).parent for row in rows}) + [Path(IMAGES_DIR), Path(".")]:
+        for folder in [*sorted({Path(row["file"]).parent for row in rows}), Path(IMAGES_DIR), Path(".")]:
             if (target / folder).is_dir():
                 _fsync_directory(target / folder)  # the renames into these folders survive a power cut
 
@@ -308,7 +312,7 @@ class SyntheticPool:
         rows = _read_rows(metadata_path)
         with safe_open(str(tensors_path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open API
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         if header.get("format") != _FORMAT:
             raise SyntheticPoolError(f"{tensors_path} is not a utilgen pool file (format {header.get('format')!r})")
         class_names = tuple(json.loads(header["class_names"]))
@@ -374,7 +378,7 @@ def _read_png(path: Path, channels: int, height: int, width: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             pixels = np.asarray(image.convert(_MODES[channels]))
-    except Exception as error:  # noqa: BLE001 - any decoder failure means a damaged file
+    except Exception as error:
         raise SyntheticPoolError(f"pool image {path} does not decode: {error}") from error
     if pixels.shape[:2] != (height, width):
         raise SyntheticPoolError(f"pool image {path} is {pixels.shape[1]}x{pixels.shape[0]}, expected {width}x{height}")

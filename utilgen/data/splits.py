@@ -60,7 +60,7 @@ def make_splits(
         )
     needed = shots_per_class + meta_per_class + (test_per_class if test_per_class is not None else 1)
     counts = data.class_counts()
-    short = [(name, count) for name, count in zip(data.class_names, counts) if count < needed]
+    short = [(name, count) for name, count in zip(data.class_names, counts, strict=True) if count < needed]
     if short:
         listed = ", ".join(f"{name!r} has {count}" for name, count in short)
         test_part = f"{test_per_class} test" if test_per_class is not None else "at least 1 test"
@@ -81,7 +81,7 @@ def make_splits(
         else:
             meta, train = order[:meta_per_class], order[meta_per_class : meta_per_class + shots_per_class]
             test = order[meta_per_class + shots_per_class :]
-        for name, part in zip(SPLIT_NAMES, (train, meta, test)):
+        for name, part in zip(SPLIT_NAMES, (train, meta, test), strict=True):
             chosen[name].append(part)
 
     indices = {name: sorted(int(i) for part in chosen[name] for i in part) for name in SPLIT_NAMES}
@@ -140,7 +140,7 @@ def splits_from_indices(data: LabelledImages, saved: dict) -> Splits:
     for name in SPLIT_NAMES:
         expected, actual = saved_sources.get(name), getattr(splits, name).sources
         if expected is not None and actual is not None and list(actual) != list(expected):
-            changed = [(e, a) for e, a in zip(expected, actual) if e != a][:5]
+            changed = [(e, a) for e, a in zip(expected, actual, strict=False) if e != a][:5]
             raise ValueError(f"the {name} split now holds different images than when saved (saved vs now: {changed})")
     return splits
 

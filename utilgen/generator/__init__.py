@@ -24,7 +24,17 @@ from utilgen.generator.sampler import (
 from utilgen.generator.textual_inversion import learn_class_tokens
 
 __all__ = [
-    "EmbeddedConfig", "EmbeddedGenerator", "Generator", "WeightsError", "ddim_inversion_step", "ddim_step",
-    "learn_class_tokens", "load_pretrained", "load_weights", "predict_x0_one_step", "redenoise_noise",
-    "sample_differentiable", "sample_differentiable_latents",
-]  # fmt: skip
+    "EmbeddedConfig",
+    "EmbeddedGenerator",
+    "Generator",
+    "WeightsError",
+    "ddim_inversion_step",
+    "ddim_step",
+    "learn_class_tokens",
+    "load_pretrained",
+    "load_weights",
+    "predict_x0_one_step",
+    "redenoise_noise",
+    "sample_differentiable",
+    "sample_differentiable_latents",
+]

@@ -66,5 +66,9 @@ def attention_info(device: torch.device | str | None = None) -> dict:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     backend, reason = resolve_attention("auto", device)
-    return {"device": str(device), "auto": backend, "reason": reason,
-            "xformers": xformers_unavailable_reason() or "available"}  # fmt: skip
+    return {
+        "device": str(device),
+        "auto": backend,
+        "reason": reason,
+        "xformers": xformers_unavailable_reason() or "available",
+    }

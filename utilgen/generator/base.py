@@ -151,9 +151,10 @@ class Generator(ABC):
             return self._eps_from_output(output, latents, timestep)
         null = self.null_prompt_embeds(n).to(prompt_embeds.dtype)
         both = self.denoiser(
-            torch.cat([latents, latents]), torch.cat([timestep, timestep]),
+            torch.cat([latents, latents]),
+            torch.cat([timestep, timestep]),
             encoder_hidden_states=torch.cat([null, prompt_embeds]),
-        ).sample  # fmt: skip
+        ).sample
         output_null, output_cond = both.chunk(2)
         output = output_null + guidance_scale * (output_cond - output_null)
         return self._eps_from_output(output, latents, timestep)
@@ -215,8 +216,9 @@ class Generator(ABC):
         starts = range(0, noise.shape[0], batch_size)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
             stop = start + batch_size
-            latents = self.sample_latents(prompt_embeds[start:stop], noise[start:stop],
-                                          guidance_scale=guidance_scale, steps=steps)  # fmt: skip
+            latents = self.sample_latents(
+                prompt_embeds[start:stop], noise[start:stop], guidance_scale=guidance_scale, steps=steps
+            )
             out.append(self.decode(latents).float().cpu())
         if not out:
             return torch.empty(0, *self.decode_shape)

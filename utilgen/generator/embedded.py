@@ -60,8 +60,9 @@ class EmbeddedConfig:
 
 
 # A config small enough for unit tests and the pretrain smoke run (~40k parameters).
-TINY_CONFIG = EmbeddedConfig(image_size=8, block_out_channels=(16, 16), prompt_tokens=2, prompt_dim=16,
-                             attention_head_dim=4, norm_num_groups=4)  # fmt: skip
+TINY_CONFIG = EmbeddedConfig(
+    image_size=8, block_out_channels=(16, 16), prompt_tokens=2, prompt_dim=16, attention_head_dim=4, norm_num_groups=4
+)
 
 
 def _down_up_blocks(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -96,14 +97,23 @@ def build_scheduler(config: EmbeddedConfig):
     # trailing spacing: the first DDIM step starts at t = T-1 (pure noise), which
     # few-step sampling of a small model needs; clip x0 to the pixel range.
     return DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps, beta_schedule="linear", clip_sample=True,
-        clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing", prediction_type="epsilon",
-    )  # fmt: skip
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule="linear",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
 
 
 class EmbeddedGenerator(Generator):
-    def __init__(self, config: EmbeddedConfig = EmbeddedConfig(), unet: nn.Module | None = None,
-                 class_embedding: nn.Embedding | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: EmbeddedConfig = EmbeddedConfig(),
+        unet: nn.Module | None = None,
+        class_embedding: nn.Embedding | None = None,
+    ):
         self.config = config
         self.num_classes = config.num_classes
         self.image_size = config.image_size
@@ -165,8 +175,9 @@ class EmbeddedGenerator(Generator):
         """images (N, C, H', W') in [0, 1] -> (N, C, S, S) in [-1, 1], resized (antialiased bilinear) to S."""
         images = images.to(device=self.device, dtype=self.dtype)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)  # fmt: skip
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return images * 2 - 1
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -216,8 +227,10 @@ def verify_weights(directory: str | Path) -> Path:
     weights, checksum = directory / WEIGHTS_NAME, directory / CHECKSUM_NAME
     missing = [p.name for p in (weights, directory / CONFIG_NAME, checksum) if not p.exists()]
     if missing:
-        raise WeightsError(f"embedded generator weights in {directory} are incomplete: missing {missing}; "
-                           "train them with `python -m utilgen.pretrain --out DIR`")  # fmt: skip
+        raise WeightsError(
+            f"embedded generator weights in {directory} are incomplete: missing {missing}; "
+            "train them with `python -m utilgen.pretrain --out DIR`"
+        )
     with open(weights, "rb") as handle:
         head = handle.read(len(LFS_POINTER_PREFIX))
     if head == LFS_POINTER_PREFIX:
@@ -225,8 +238,10 @@ def verify_weights(directory: str | Path) -> Path:
     expected = checksum.read_text().split()[0].lower() if checksum.read_text().split() else ""
     actual = file_sha256(weights)
     if actual != expected:
-        raise WeightsError(f"{weights} fails its checksum (sha256 {actual}, {checksum.name} says {expected or 'nothing'}): "
-                           "the file is corrupted or does not belong to this checksum; restore it from git or retrain")  # fmt: skip
+        raise WeightsError(
+            f"{weights} fails its checksum (sha256 {actual}, {checksum.name} says {expected or 'nothing'}): "
+            "the file is corrupted or does not belong to this checksum; restore it from git or retrain"
+        )
     return weights
 
 

@@ -67,9 +67,15 @@ def sample_differentiable(
     checkpoint: bool = True,
 ) -> torch.Tensor:
     """images (N, C, H, W) in [0, 1] with a graph to ``prompt_embeds`` and ``noise`` (see module docstring)."""
-    latents = sample_differentiable_latents(generator, prompt_embeds, noise, steps=steps,
-                                            guidance_scale=guidance_scale, grad_steps=grad_steps,
-                                            checkpoint=checkpoint)  # fmt: skip
+    latents = sample_differentiable_latents(
+        generator,
+        prompt_embeds,
+        noise,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        grad_steps=grad_steps,
+        checkpoint=checkpoint,
+    )
     return generator.decode(latents)
 
 
@@ -99,8 +105,9 @@ def predict_x0_one_step(
     return generator.decode(x0)
 
 
-def ddim_step(generator: Generator, latents: torch.Tensor, t: int, t_prev: int, prompt_embeds: torch.Tensor,
-              guidance_scale: float) -> torch.Tensor:  # fmt: skip
+def ddim_step(
+    generator: Generator, latents: torch.Tensor, t: int, t_prev: int, prompt_embeds: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
     """One DDIM denoising step x_t -> x_{t_prev} (t_prev < t; -1 = clean), epsilon at (x_t, t); no clipping.
 
     No x0 clipping, unlike the sampler: ``ddim_inversion_step`` is its inverse only then.
@@ -111,8 +118,9 @@ def ddim_step(generator: Generator, latents: torch.Tensor, t: int, t_prev: int, 
     return generator.ddim_update(latents, eps, t, t_prev, clip_sample=False)
 
 
-def ddim_inversion_step(generator: Generator, latents: torch.Tensor, t: int, t_next: int,
-                        prompt_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:  # fmt: skip
+def ddim_inversion_step(
+    generator: Generator, latents: torch.Tensor, t: int, t_next: int, prompt_embeds: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
     """One DDIM inversion step x_t -> x_{t_next} (t_next > t), epsilon evaluated at (x_t, t).
 
     The standard inversion approximation eps(x_{t_next}, t_next) ~ eps(x_t, t): it
@@ -125,8 +133,15 @@ def ddim_inversion_step(generator: Generator, latents: torch.Tensor, t: int, t_n
 
 
 @torch.no_grad()
-def redenoise_noise(generator: Generator, noise: torch.Tensor, prompt_embeds: torch.Tensor, *, steps: int = 20,
-                    high_guidance: float = 5.5, low_guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
+def redenoise_noise(
+    generator: Generator,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    steps: int = 20,
+    high_guidance: float = 5.5,
+    low_guidance: float = 1.0,
+) -> torch.Tensor:
     """ILPO noise refinement: eps' = Inversion_{cfg low}(DDIM_{cfg high}(eps, p)), one step each.
 
     The step is the first one of a ``steps``-step DDIM schedule (x_T -> x_{t_1} ->

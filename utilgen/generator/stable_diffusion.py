@@ -31,15 +31,18 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 
 # Per component: files that must all exist, and alternative file sets of which one must be complete
 # (weight formats and variants; a slow-tokenizer vocabulary or a fast tokenizer.json).
-_WEIGHTS_DIFFUSERS = [("diffusion_pytorch_model.safetensors",), ("diffusion_pytorch_model.bin",),
-                      ("diffusion_pytorch_model.fp16.safetensors",)]
+_WEIGHTS_DIFFUSERS = [
+    ("diffusion_pytorch_model.safetensors",),
+    ("diffusion_pytorch_model.bin",),
+    ("diffusion_pytorch_model.fp16.safetensors",),
+]
 _REQUIRED = {
     "unet": (["config.json"], _WEIGHTS_DIFFUSERS),
     "vae": (["config.json"], _WEIGHTS_DIFFUSERS),
     "text_encoder": (["config.json"], [("model.safetensors",), ("pytorch_model.bin",), ("model.fp16.safetensors",)]),
     "tokenizer": ([], [("vocab.json", "merges.txt"), ("tokenizer.json",)]),
     "scheduler": (["scheduler_config.json"], []),
-}  # fmt: skip
+}
 
 
 class StableDiffusionDirectoryError(FileNotFoundError):
@@ -70,14 +73,26 @@ def check_directory(path: str | Path) -> Path:
             if file.is_file() and _is_lfs_pointer(file):
                 problems.append(f"{component}/{name} is a git-LFS pointer, not the file (run `git lfs pull` there)")
     if problems:
-        raise StableDiffusionDirectoryError(f"{path} is not a usable Stable Diffusion directory: " + "; ".join(problems))
+        raise StableDiffusionDirectoryError(
+            f"{path} is not a usable Stable Diffusion directory: " + "; ".join(problems)
+        )
     return path
 
 
 class StableDiffusionGenerator(Generator):
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, class_names: Sequence[str], *,
-                 prompt_template: str = "a photo of a {}", initializer_words: Sequence[str] | None = None,
-                 attention: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        class_names: Sequence[str],
+        *,
+        prompt_template: str = "a photo of a {}",
+        initializer_words: Sequence[str] | None = None,
+        attention: str = "auto",
+    ):
         self.denoiser, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
         self.attention, self.attention_reason = apply_attention(unet, attention)
@@ -89,10 +104,17 @@ class StableDiffusionGenerator(Generator):
         self._add_class_tokens(list(class_names), initializer_words)
 
     @classmethod
-    def from_directory(cls, path: str | Path, class_names: Sequence[str], *, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32, attention: str = "auto",
-                       prompt_template: str = "a photo of a {}",
-                       initializer_words: Sequence[str] | None = None) -> StableDiffusionGenerator:  # fmt: skip
+    def from_directory(
+        cls,
+        path: str | Path,
+        class_names: Sequence[str],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attention: str = "auto",
+        prompt_template: str = "a photo of a {}",
+        initializer_words: Sequence[str] | None = None,
+    ) -> StableDiffusionGenerator:
         """Load every part from ``path`` (local files only), move to ``device``/``dtype``, freeze, eval."""
         path = check_directory(path)
         try:
@@ -111,8 +133,17 @@ class StableDiffusionGenerator(Generator):
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **local)
         for module in (unet, vae, text_encoder):
             module.to(device).eval().requires_grad_(False)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, class_names, prompt_template=prompt_template,
-                   initializer_words=initializer_words, attention=attention)  # fmt: skip
+        return cls(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            class_names,
+            prompt_template=prompt_template,
+            initializer_words=initializer_words,
+            attention=attention,
+        )
 
     # ---- shapes ----
     @property
@@ -133,8 +164,13 @@ class StableDiffusionGenerator(Generator):
 
     # ---- text ----
     def _token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)  # fmt: skip
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
 
     @property
     def _token_table(self) -> nn.Embedding:
@@ -169,7 +205,9 @@ class StableDiffusionGenerator(Generator):
     def set_class_tokens(self, tokens: torch.Tensor) -> None:
         table = self._token_table.weight
         if tuple(tokens.shape) != (self.num_classes, table.shape[1]):
-            raise ValueError(f"class tokens must have shape {(self.num_classes, table.shape[1])}, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"class tokens must have shape {(self.num_classes, table.shape[1])}, got {tuple(tokens.shape)}"
+            )
         with torch.no_grad():
             table[self.class_token_ids.to(table.device)] = tokens.to(table)
 
@@ -200,8 +238,9 @@ class StableDiffusionGenerator(Generator):
         if images.shape[1] == 1 and self.vae.config.in_channels == 3:
             images = images.expand(-1, 3, -1, -1)
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)  # fmt: skip
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         latents = self.vae.encode(images * 2 - 1).latent_dist.mean
         return latents * self.vae.config.scaling_factor
 

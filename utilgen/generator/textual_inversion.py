@@ -15,8 +15,14 @@ from tqdm.auto import tqdm
 from utilgen.generator.base import Generator
 
 
-def denoising_loss(generator: Generator, tokens: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor,
-                   timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def denoising_loss(
+    generator: Generator,
+    tokens: torch.Tensor,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Mean epsilon MSE of clean latents (N, C, H, W) noised to ``timesteps`` (N,) with ``noise``, under ``tokens``."""
     alphas = generator.scheduler.alphas_cumprod.to(device=latents.device, dtype=latents.dtype)[timesteps]
     a = alphas.view(-1, 1, 1, 1)

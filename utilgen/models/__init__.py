@@ -3,4 +3,4 @@
 from utilgen.models.classifier import CLASSIFIERS, build_classifier
 from utilgen.models.weight_net import FEATURES, WeightNet, per_sample_features
 
-__all__ = ["CLASSIFIERS", "build_classifier", "FEATURES", "WeightNet", "per_sample_features"]
+__all__ = ["CLASSIFIERS", "FEATURES", "WeightNet", "build_classifier", "per_sample_features"]

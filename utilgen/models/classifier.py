@@ -99,13 +99,17 @@ class ResNet(nn.Module):
         super().__init__()
         if image_size >= 64:
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, 2, 1),
-            )  # fmt: skip
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+            )
         stages, channels = [], 64
-        for index, (width, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for index, (width, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             for block_index in range(blocks):
                 stride = 2 if index > 0 and block_index == 0 else 1
                 stages.append(block(channels, width, stride))

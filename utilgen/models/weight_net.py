@@ -40,7 +40,8 @@ class WeightNet(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != len(self.features):
             raise ValueError(
-                f"WeightNet expects features of shape (N, {len(self.features)}) for {self.features}, got {tuple(features.shape)}"
+                f"WeightNet expects features of shape (N, {len(self.features)}) for {self.features}, "
+                f"got {tuple(features.shape)}"
             )
         return torch.sigmoid(self.net(features)).squeeze(1)  # (N,)
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from utilgen.ops._backend import BACKENDS, BackendUnavailable, use_backend
+from utilgen.ops._info import info, info_text
 from utilgen.ops.latent_update import LatentUpdateState, latent_update, latent_update_reference
 from utilgen.ops.logit_hvp import logit_hvp, logit_hvp_reference
 from utilgen.ops.meta_grad import HVP_METHODS, PerSampleDirectional, hvp, per_sample_directional_derivative
@@ -21,24 +22,23 @@ from utilgen.ops.weighted_cross_entropy import (
     weighted_cross_entropy,
     weighted_cross_entropy_reference,
 )
-from utilgen.ops._info import info, info_text
 
 __all__ = [
     "BACKENDS",
+    "HVP_METHODS",
     "BackendUnavailable",
-    "use_backend",
+    "LatentUpdateState",
+    "PerSampleDirectional",
+    "WeightedCrossEntropyOutput",
+    "hvp",
     "info",
     "info_text",
-    "weighted_cross_entropy",
-    "weighted_cross_entropy_reference",
-    "WeightedCrossEntropyOutput",
     "latent_update",
     "latent_update_reference",
-    "LatentUpdateState",
     "logit_hvp",
     "logit_hvp_reference",
-    "hvp",
-    "HVP_METHODS",
     "per_sample_directional_derivative",
-    "PerSampleDirectional",
+    "use_backend",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_reference",
 ]

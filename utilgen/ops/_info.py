@@ -43,7 +43,9 @@ def info() -> dict[str, Any]:
             "reason": _native.extension_reason(),
             "openmp": bool(module and module.openmp),
             "cuda_built": bool(module and module.cuda_built),
-            "cuda_kernels": (_native.cuda_kernels_reason() or "usable") if module and module.cuda_built else "not built",
+            "cuda_kernels": (_native.cuda_kernels_reason() or "usable")
+            if module and module.cuda_built
+            else "not built",
         },
         "torch_threads": torch.get_num_threads(),
         "cuda_available": cuda_available,
@@ -72,7 +74,9 @@ def info_text() -> str:
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()))
     ext = report["extension"]
     if ext["loaded"]:
-        lines.append(f"utilgen._C: loaded (OpenMP {'on' if ext['openmp'] else 'off'}; CUDA kernels: {ext['cuda_kernels']})")
+        lines.append(
+            f"utilgen._C: loaded (OpenMP {'on' if ext['openmp'] else 'off'}; CUDA kernels: {ext['cuda_kernels']})"
+        )
     else:
         lines.append(f"utilgen._C: NOT loaded: {ext['reason']}")
     lines.append(f"torch threads: {report['torch_threads']}")

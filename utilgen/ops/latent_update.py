@@ -24,7 +24,6 @@ whether an embedding is outside its ball) is made inside the kernels.
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -47,7 +46,7 @@ _NO_PROJECTION, _SHELL, _BALL = 0, 1, 2
 # Below this norm a projection leaves the instance alone instead of dividing by ~0.
 _TINY_NORM = 1e-12
 
-ScalarOrPerInstance = Union[float, Tensor]
+ScalarOrPerInstance = float | Tensor
 
 
 @dataclass
@@ -63,14 +62,14 @@ class LatentUpdateState:
     """
 
     step: Tensor
-    noise_exp_avg: Optional[Tensor] = None
-    noise_exp_avg_sq: Optional[Tensor] = None
-    embed_exp_avg: Optional[Tensor] = None
-    embed_exp_avg_sq: Optional[Tensor] = None
+    noise_exp_avg: Tensor | None = None
+    noise_exp_avg_sq: Tensor | None = None
+    embed_exp_avg: Tensor | None = None
+    embed_exp_avg_sq: Tensor | None = None
 
     @classmethod
     def zeros_like(
-        cls, noise: Optional[Tensor], embed: Optional[Tensor], optimizer: str = "adam", momentum: float = 0.0
+        cls, noise: Tensor | None, embed: Tensor | None, optimizer: str = "adam", momentum: float = 0.0
     ) -> "LatentUpdateState":
         """Fresh state for ``noise`` (N, C, H, W) and/or ``embed`` (N, L, D).
 
@@ -83,7 +82,7 @@ class LatentUpdateState:
         wants_exp_avg = optimizer == "adam" or momentum != 0.0
         wants_exp_avg_sq = optimizer == "adam"
 
-        def zeros(like: Optional[Tensor], wanted: bool) -> Optional[Tensor]:
+        def zeros(like: Tensor | None, wanted: bool) -> Tensor | None:
             if like is None or not wanted:
                 return None
             return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
@@ -118,7 +117,9 @@ def _check_tensor(
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but the parameters are on {device}; move it with .to({str(device)!r})")
+        raise ValueError(
+            f"{name} is on {tensor.device} but the parameters are on {device}; move it with .to({str(device)!r})"
+        )
     if tensor.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise ValueError(f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}; expected {allowed}")
@@ -132,8 +133,17 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_part(
-    label: str, param: Tensor, grad: Optional[Tensor], exp_avg: Optional[Tensor], exp_avg_sq: Optional[Tensor],
-    *, ndim: int, dims: str, optimizer: str, momentum: float, device: torch.device,
+    label: str,
+    param: Tensor,
+    grad: Tensor | None,
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    *,
+    ndim: int,
+    dims: str,
+    optimizer: str,
+    momentum: float,
+    device: torch.device,
 ) -> None:
     if not isinstance(param, Tensor):
         raise TypeError(f"{label} must be a torch.Tensor or None, got {type(param).__name__}")
@@ -146,7 +156,10 @@ def _check_part(
     state = f"state.{label}_exp_avg"
     if optimizer == "adam" or momentum != 0.0:
         if exp_avg is None:
-            raise ValueError(f"{state} is None; create the state with LatentUpdateState.zeros_like(noise, embed, optimizer, momentum)")
+            raise ValueError(
+                f"{state} is None; create the state with "
+                "LatentUpdateState.zeros_like(noise, embed, optimizer, momentum)"
+            )
         _check_tensor(exp_avg, state, shape=tuple(param.shape), device=device, dtypes=(torch.float32,))
     if optimizer == "adam":
         if exp_avg_sq is None:
@@ -160,7 +173,9 @@ def _per_instance(value: ScalarOrPerInstance, name: str, n: int, device: torch.d
         if value.dim() == 0:
             value = value.reshape(1).expand(n)
         if tuple(value.shape) != (n,):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}; expected a float or a ({n},) tensor (one per instance)")
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}; expected a float or a ({n},) tensor (one per instance)"
+            )
         if not value.is_floating_point():
             raise ValueError(f"{name} has dtype {value.dtype}; expected a floating-point tensor")
         return value.to(device=device, dtype=torch.float32).contiguous()
@@ -170,8 +185,24 @@ def _per_instance(value: ScalarOrPerInstance, name: str, n: int, device: torch.d
 
 
 def _prepare(
-    noise, noise_grad, embed, embed_grad, state, *, optimizer, noise_lr, embed_lr, betas, eps, weight_decay,
-    momentum, maximize, active, project_noise, embed_anchor, embed_max_distance,
+    noise,
+    noise_grad,
+    embed,
+    embed_grad,
+    state,
+    *,
+    optimizer,
+    noise_lr,
+    embed_lr,
+    betas,
+    eps,
+    weight_decay,
+    momentum,
+    maximize,
+    active,
+    project_noise,
+    embed_anchor,
+    embed_max_distance,
 ) -> dict:
     """Validates everything and returns the custom op's keyword arguments (minus ``backend``)."""
     _check_optimizer(optimizer)
@@ -181,7 +212,9 @@ def _prepare(
         raise TypeError(f"state must be a LatentUpdateState, got {type(state).__name__}")
     first = noise if noise is not None else embed
     if not isinstance(first, Tensor):
-        raise TypeError(f"{'noise' if noise is not None else 'embed'} must be a torch.Tensor, got {type(first).__name__}")
+        raise TypeError(
+            f"{'noise' if noise is not None else 'embed'} must be a torch.Tensor, got {type(first).__name__}"
+        )
     device, n = first.device, first.shape[0]
     beta1, beta2 = (float(b) for b in betas)
     if optimizer == "adam":
@@ -197,15 +230,35 @@ def _prepare(
     if noise is not None and embed is not None and isinstance(embed, Tensor) and embed.shape[0] != n:
         raise ValueError(f"noise has N={n} instances but embed has N={embed.shape[0]}; they must match")
     if noise is not None:
-        _check_part("noise", noise, noise_grad, state.noise_exp_avg, state.noise_exp_avg_sq, ndim=4,
-                    dims="(N, C, H, W)", optimizer=optimizer, momentum=momentum, device=device)
+        _check_part(
+            "noise",
+            noise,
+            noise_grad,
+            state.noise_exp_avg,
+            state.noise_exp_avg_sq,
+            ndim=4,
+            dims="(N, C, H, W)",
+            optimizer=optimizer,
+            momentum=momentum,
+            device=device,
+        )
         if noise_lr is None:
             raise ValueError("noise_lr is required when noise is given")
     elif project_noise:
         raise ValueError("project_noise=True but noise is None")
     if embed is not None:
-        _check_part("embed", embed, embed_grad, state.embed_exp_avg, state.embed_exp_avg_sq, ndim=3,
-                    dims="(N, L, D)", optimizer=optimizer, momentum=momentum, device=device)
+        _check_part(
+            "embed",
+            embed,
+            embed_grad,
+            state.embed_exp_avg,
+            state.embed_exp_avg_sq,
+            ndim=3,
+            dims="(N, L, D)",
+            optimizer=optimizer,
+            momentum=momentum,
+            device=device,
+        )
         if embed_lr is None:
             raise ValueError("embed_lr is required when embed is given")
     _check_tensor(state.step, "state.step", shape=(n,), device=device, dtypes=(torch.float32,))
@@ -214,38 +267,40 @@ def _prepare(
 
     anchor, radius = _prepare_anchor(embed, embed_anchor, embed_max_distance, n, device)
     use_buffer = optimizer == "adam" or momentum != 0.0
-    return dict(
-        noise=noise,
-        noise_grad=noise_grad if noise is not None else None,
-        noise_exp_avg=state.noise_exp_avg if noise is not None and use_buffer else None,
-        noise_exp_avg_sq=state.noise_exp_avg_sq if noise is not None and optimizer == "adam" else None,
-        noise_lr=_per_instance(noise_lr, "noise_lr", n, device) if noise is not None else None,
-        embed=embed,
-        embed_grad=embed_grad if embed is not None else None,
-        embed_exp_avg=state.embed_exp_avg if embed is not None and use_buffer else None,
-        embed_exp_avg_sq=state.embed_exp_avg_sq if embed is not None and optimizer == "adam" else None,
-        embed_lr=_per_instance(embed_lr, "embed_lr", n, device) if embed is not None else None,
-        embed_anchor=anchor,
-        embed_max_distance=radius,
-        step=state.step,
-        active=active,
-        optimizer=optimizer,
-        beta1=beta1,
-        beta2=beta2,
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        momentum=float(momentum),
-        maximize=bool(maximize),
-        project_noise=bool(project_noise),
-    )
+    return {
+        "noise": noise,
+        "noise_grad": noise_grad if noise is not None else None,
+        "noise_exp_avg": state.noise_exp_avg if noise is not None and use_buffer else None,
+        "noise_exp_avg_sq": state.noise_exp_avg_sq if noise is not None and optimizer == "adam" else None,
+        "noise_lr": _per_instance(noise_lr, "noise_lr", n, device) if noise is not None else None,
+        "embed": embed,
+        "embed_grad": embed_grad if embed is not None else None,
+        "embed_exp_avg": state.embed_exp_avg if embed is not None and use_buffer else None,
+        "embed_exp_avg_sq": state.embed_exp_avg_sq if embed is not None and optimizer == "adam" else None,
+        "embed_lr": _per_instance(embed_lr, "embed_lr", n, device) if embed is not None else None,
+        "embed_anchor": anchor,
+        "embed_max_distance": radius,
+        "step": state.step,
+        "active": active,
+        "optimizer": optimizer,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": float(eps),
+        "weight_decay": float(weight_decay),
+        "momentum": float(momentum),
+        "maximize": bool(maximize),
+        "project_noise": bool(project_noise),
+    }
 
 
-def _prepare_anchor(embed, anchor, max_distance, n, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _prepare_anchor(embed, anchor, max_distance, n, device) -> tuple[Tensor | None, Tensor | None]:
     """Anchor as (N, L, D) or (1, L, D) (shared), radius as (N,) fp32; both or neither."""
     if anchor is None and max_distance is None:
         return None, None
     if anchor is None or max_distance is None:
-        raise ValueError("embed_anchor and embed_max_distance go together: pass both to bound the embeddings, or neither")
+        raise ValueError(
+            "embed_anchor and embed_max_distance go together: pass both to bound the embeddings, or neither"
+        )
     if embed is None:
         raise ValueError("embed_anchor is given but embed is None")
     if not isinstance(anchor, Tensor):
@@ -268,24 +323,24 @@ def _prepare_anchor(embed, anchor, max_distance, n, device) -> tuple[Optional[Te
 
 
 def latent_update_reference(
-    noise: Optional[Tensor],
-    noise_grad: Optional[Tensor],
-    embed: Optional[Tensor],
-    embed_grad: Optional[Tensor],
+    noise: Tensor | None,
+    noise_grad: Tensor | None,
+    embed: Tensor | None,
+    embed_grad: Tensor | None,
     state: LatentUpdateState,
     *,
     optimizer: str = "adam",
-    noise_lr: Optional[ScalarOrPerInstance] = None,
-    embed_lr: Optional[ScalarOrPerInstance] = None,
+    noise_lr: ScalarOrPerInstance | None = None,
+    embed_lr: ScalarOrPerInstance | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     maximize: bool = False,
-    active: Optional[Tensor] = None,
+    active: Tensor | None = None,
     project_noise: bool = False,
-    embed_anchor: Optional[Tensor] = None,
-    embed_max_distance: Optional[ScalarOrPerInstance] = None,
+    embed_anchor: Tensor | None = None,
+    embed_max_distance: ScalarOrPerInstance | None = None,
 ) -> None:
     """One optimiser step on every active instance, in fp32 PyTorch; updates everything in place.
 
@@ -310,11 +365,27 @@ def latent_update_reference(
     Inactive instances keep their parameters, state and step untouched.
     """
     with torch.no_grad():
-        _reference_impl(**_prepare(
-            noise, noise_grad, embed, embed_grad, state, optimizer=optimizer, noise_lr=noise_lr, embed_lr=embed_lr,
-            betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, maximize=maximize, active=active,
-            project_noise=project_noise, embed_anchor=embed_anchor, embed_max_distance=embed_max_distance,
-        ))
+        _reference_impl(
+            **_prepare(
+                noise,
+                noise_grad,
+                embed,
+                embed_grad,
+                state,
+                optimizer=optimizer,
+                noise_lr=noise_lr,
+                embed_lr=embed_lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                maximize=maximize,
+                active=active,
+                project_noise=project_noise,
+                embed_anchor=embed_anchor,
+                embed_max_distance=embed_max_distance,
+            )
+        )
 
 
 def _per_instance_view(values: Tensor, like: Tensor) -> Tensor:
@@ -322,8 +393,9 @@ def _per_instance_view(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
-def _reference_step(param, grad, exp_avg, exp_avg_sq, lr, step, *, optimizer, beta1, beta2, eps, weight_decay,
-                    momentum, maximize):
+def _reference_step(
+    param, grad, exp_avg, exp_avg_sq, lr, step, *, optimizer, beta1, beta2, eps, weight_decay, momentum, maximize
+):
     """New (param, exp_avg, exp_avg_sq) in fp32 for every instance; the caller masks inactive ones."""
     x = param.float()  # (N, ...)
     g = -grad.float() if maximize else grad.float()
@@ -344,7 +416,7 @@ def _reference_step(param, grad, exp_avg, exp_avg_sq, lr, step, *, optimizer, be
     return x - lr * buffer, buffer, None
 
 
-def _project(x: Tensor, center: Optional[Tensor], target: Tensor, only_shrink: bool) -> Tensor:
+def _project(x: Tensor, center: Tensor | None, target: Tensor, only_shrink: bool) -> Tensor:
     """Rescales x - center (per instance) to norm ``target`` (N,).
 
     ``only_shrink`` leaves instances already inside the ball bit-for-bit as they are;
@@ -360,7 +432,7 @@ def _project(x: Tensor, center: Optional[Tensor], target: Tensor, only_shrink: b
     return torch.where(_per_instance_view(moves, x), projected, x)
 
 
-def _write_back(dst: Optional[Tensor], new: Optional[Tensor], active: Optional[Tensor]) -> None:
+def _write_back(dst: Tensor | None, new: Tensor | None, active: Tensor | None) -> None:
     if dst is None:
         return
     if active is not None:
@@ -369,13 +441,38 @@ def _write_back(dst: Optional[Tensor], new: Optional[Tensor], active: Optional[T
 
 
 def _reference_impl(
-    noise, noise_grad, noise_exp_avg, noise_exp_avg_sq, noise_lr,
-    embed, embed_grad, embed_exp_avg, embed_exp_avg_sq, embed_lr,
-    embed_anchor, embed_max_distance, step, active,
-    optimizer, beta1, beta2, eps, weight_decay, momentum, maximize, project_noise,
+    noise,
+    noise_grad,
+    noise_exp_avg,
+    noise_exp_avg_sq,
+    noise_lr,
+    embed,
+    embed_grad,
+    embed_exp_avg,
+    embed_exp_avg_sq,
+    embed_lr,
+    embed_anchor,
+    embed_max_distance,
+    step,
+    active,
+    optimizer,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    momentum,
+    maximize,
+    project_noise,
 ) -> None:
-    hyper = dict(optimizer=optimizer, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 momentum=momentum, maximize=maximize)
+    hyper = {
+        "optimizer": optimizer,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "maximize": maximize,
+    }
     new_step = step + 1.0  # (N,)
     if noise is not None:
         x, m, v = _reference_step(noise, noise_grad, noise_exp_avg, noise_exp_avg_sq, noise_lr, new_step, **hyper)
@@ -398,7 +495,7 @@ def _reference_impl(
 # ---------------------------------------------------------------------------------------------
 
 
-def _optimizer_code(optimizer: str, exp_avg: Optional[Tensor]) -> int:
+def _optimizer_code(optimizer: str, exp_avg: Tensor | None) -> int:
     if optimizer == "adam":
         return _ADAM
     return _SGD_MOMENTUM if exp_avg is not None else _SGD_PLAIN
@@ -409,23 +506,30 @@ def _native_args(args: dict) -> dict:
     noise, embed, anchor = args["noise"], args["embed"], args["embed_anchor"]
     first = noise if noise is not None else embed
     exp_avg = args["noise_exp_avg"] if noise is not None else args["embed_exp_avg"]
-    out = dict(
-        n=first.shape[0],
-        optimizer=_optimizer_code(args["optimizer"], exp_avg),
-        beta1=args["beta1"], beta2=args["beta2"], eps=args["eps"], weight_decay=args["weight_decay"],
-        momentum=args["momentum"], maximize=args["maximize"],
-        step=_native.ptr(args["step"]), active=_native.ptr(args["active"]),
-    )
+    out = {
+        "n": first.shape[0],
+        "optimizer": _optimizer_code(args["optimizer"], exp_avg),
+        "beta1": args["beta1"],
+        "beta2": args["beta2"],
+        "eps": args["eps"],
+        "weight_decay": args["weight_decay"],
+        "momentum": args["momentum"],
+        "maximize": args["maximize"],
+        "step": _native.ptr(args["step"]),
+        "active": _native.ptr(args["active"]),
+    }
     for part, param in (("noise", noise), ("embed", embed)):
-        out.update({
-            f"{part}_param": _native.ptr(param),
-            f"{part}_grad": _native.ptr(args[f"{part}_grad"]),
-            f"{part}_exp_avg": _native.ptr(args[f"{part}_exp_avg"]),
-            f"{part}_exp_avg_sq": _native.ptr(args[f"{part}_exp_avg_sq"]),
-            f"{part}_lr": _native.ptr(args[f"{part}_lr"]),
-            f"{part}_numel": 0 if param is None else param[0].numel(),
-            f"{part}_dtype": 0 if param is None else _native.dtype_code(param),
-        })
+        out.update(
+            {
+                f"{part}_param": _native.ptr(param),
+                f"{part}_grad": _native.ptr(args[f"{part}_grad"]),
+                f"{part}_exp_avg": _native.ptr(args[f"{part}_exp_avg"]),
+                f"{part}_exp_avg_sq": _native.ptr(args[f"{part}_exp_avg_sq"]),
+                f"{part}_lr": _native.ptr(args[f"{part}_lr"]),
+                f"{part}_numel": 0 if param is None else param[0].numel(),
+                f"{part}_dtype": 0 if param is None else _native.dtype_code(param),
+            }
+        )
     out["noise_project_shell"] = args["project_noise"]
     out["embed_anchor"] = _native.ptr(anchor)
     out["embed_anchor_stride"] = 0 if anchor is None or anchor.shape[0] == 1 else anchor[0].numel()
@@ -446,19 +550,28 @@ def _run_cuda(args: dict) -> None:
     # the stream by the kernels: a device buffer instead of a host round trip.
     chunks = max(-(-native["noise_numel"] // chunk), -(-native["embed_numel"] // chunk), 1)
     workspace = torch.empty(2 * native["n"] * chunks, dtype=torch.float32, device=first.device)
-    module.latent_update_cuda(**native, workspace=_native.ptr(workspace), workspace_numel=workspace.numel(),
-                              stream=_native.cuda_stream(first))
+    module.latent_update_cuda(
+        **native, workspace=_native.ptr(workspace), workspace_numel=workspace.numel(), stream=_native.cuda_stream(first)
+    )
 
 
 def _run_triton(args: dict) -> None:
     from utilgen.kernels import latent_update as triton_kernels  # lazy: never at `import utilgen.ops`
 
-    triton_kernels.latent_update_triton(**args, optimizer_code=_optimizer_code(
-        args["optimizer"], args["noise_exp_avg"] if args["noise"] is not None else args["embed_exp_avg"]))
+    triton_kernels.latent_update_triton(
+        **args,
+        optimizer_code=_optimizer_code(
+            args["optimizer"], args["noise_exp_avg"] if args["noise"] is not None else args["embed_exp_avg"]
+        ),
+    )
 
 
-_RUNNERS = {"reference": lambda args: _reference_impl(**args), "cpp": _run_cpp, "cuda": _run_cuda,
-            "triton": _run_triton}
+_RUNNERS = {
+    "reference": lambda args: _reference_impl(**args),
+    "cpp": _run_cpp,
+    "cuda": _run_cuda,
+    "triton": _run_triton,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,14 +582,29 @@ _MUTATED = ("noise", "noise_exp_avg", "noise_exp_avg_sq", "embed", "embed_exp_av
 
 
 def _latent_update_default(
-    noise: Optional[Tensor], noise_grad: Optional[Tensor], noise_exp_avg: Optional[Tensor],
-    noise_exp_avg_sq: Optional[Tensor], noise_lr: Optional[Tensor],
-    embed: Optional[Tensor], embed_grad: Optional[Tensor], embed_exp_avg: Optional[Tensor],
-    embed_exp_avg_sq: Optional[Tensor], embed_lr: Optional[Tensor],
-    embed_anchor: Optional[Tensor], embed_max_distance: Optional[Tensor],
-    step: Tensor, active: Optional[Tensor],
-    optimizer: str, beta1: float, beta2: float, eps: float, weight_decay: float, momentum: float,
-    maximize: bool, project_noise: bool, backend: str,
+    noise: Tensor | None,
+    noise_grad: Tensor | None,
+    noise_exp_avg: Tensor | None,
+    noise_exp_avg_sq: Tensor | None,
+    noise_lr: Tensor | None,
+    embed: Tensor | None,
+    embed_grad: Tensor | None,
+    embed_exp_avg: Tensor | None,
+    embed_exp_avg_sq: Tensor | None,
+    embed_lr: Tensor | None,
+    embed_anchor: Tensor | None,
+    embed_max_distance: Tensor | None,
+    step: Tensor,
+    active: Tensor | None,
+    optimizer: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    maximize: bool,
+    project_noise: bool,
+    backend: str,
 ) -> None:
     """Devices other than CPU and CUDA run the reference."""
     args = dict(locals())
@@ -495,7 +623,9 @@ def _device_kernel(device_backends: tuple[str, ...]):
         bound = _SIGNATURE.bind(*args, **kwargs).arguments
         backend = bound.pop("backend")
         if backend not in device_backends:
-            raise ValueError(f"latent_update: backend {backend!r} cannot run here; this device takes {', '.join(device_backends)}")
+            raise ValueError(
+                f"latent_update: backend {backend!r} cannot run here; this device takes {', '.join(device_backends)}"
+            )
         device = bound["step"].device
         if device.type != "cuda":
             _RUNNERS[backend](bound)
@@ -522,7 +652,7 @@ def _(*args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(args: dict, explicit: Optional[str]) -> str:
+def _resolve_backend(args: dict, explicit: str | None) -> str:
     params = [t for t in (args["noise"], args["embed"]) if t is not None]
     # The most restrictive dtype decides (the C++ kernel takes fp32 only).
     tensor = next((t for t in params if t.dtype != torch.float32), params[0])
@@ -530,25 +660,25 @@ def _resolve_backend(args: dict, explicit: Optional[str]) -> str:
 
 
 def latent_update(
-    noise: Optional[Tensor],
-    noise_grad: Optional[Tensor],
-    embed: Optional[Tensor],
-    embed_grad: Optional[Tensor],
+    noise: Tensor | None,
+    noise_grad: Tensor | None,
+    embed: Tensor | None,
+    embed_grad: Tensor | None,
     state: LatentUpdateState,
     *,
     optimizer: str = "adam",
-    noise_lr: Optional[ScalarOrPerInstance] = None,
-    embed_lr: Optional[ScalarOrPerInstance] = None,
+    noise_lr: ScalarOrPerInstance | None = None,
+    embed_lr: ScalarOrPerInstance | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     momentum: float = 0.0,
     maximize: bool = False,
-    active: Optional[Tensor] = None,
+    active: Tensor | None = None,
     project_noise: bool = False,
-    embed_anchor: Optional[Tensor] = None,
-    embed_max_distance: Optional[ScalarOrPerInstance] = None,
-    backend: Optional[str] = None,
+    embed_anchor: Tensor | None = None,
+    embed_max_distance: ScalarOrPerInstance | None = None,
+    backend: str | None = None,
 ) -> None:
     """One fused optimiser step over N instances' noises and prompt embeddings, in place.
 
@@ -573,9 +703,23 @@ def latent_update(
     Not differentiable: this is an optimiser step and runs under ``torch.no_grad()``.
     """
     args = _prepare(
-        noise, noise_grad, embed, embed_grad, state, optimizer=optimizer, noise_lr=noise_lr, embed_lr=embed_lr,
-        betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, maximize=maximize, active=active,
-        project_noise=project_noise, embed_anchor=embed_anchor, embed_max_distance=embed_max_distance,
+        noise,
+        noise_grad,
+        embed,
+        embed_grad,
+        state,
+        optimizer=optimizer,
+        noise_lr=noise_lr,
+        embed_lr=embed_lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        maximize=maximize,
+        active=active,
+        project_noise=project_noise,
+        embed_anchor=embed_anchor,
+        embed_max_distance=embed_max_distance,
     )
     chosen = _resolve_backend(args, backend)
     with torch.no_grad():

@@ -35,9 +35,7 @@ SUPPORT = _backend.OpSupport("logit_hvp")
 # --------------------------------------------------------------------------- reference
 
 
-def logit_hvp_reference(
-    logits: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
+def logit_hvp_reference(logits: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 PyTorch reference (fp64 stays fp64): the spec, the fallback and the oracle.
 
     Shapes: logits (N, K), v (N, K), weight (N,) or None (all ones).
@@ -111,7 +109,9 @@ def _check_inputs(logits, v, weight) -> None:
             raise TypeError(f"logit_hvp: weight must be floating point, got {weight.dtype}; use weight.float()")
     for name, tensor in (("v", v), ("weight", weight)):
         if tensor is not None and tensor.device != logits.device:
-            raise ValueError(f"logit_hvp: {name} is on {tensor.device} but logits are on {logits.device}; move them to one device")
+            raise ValueError(
+                f"logit_hvp: {name} is on {tensor.device} but logits are on {logits.device}; move them to one device"
+            )
     for name, tensor in (("logits", logits), ("v", v)):
         if not tensor.is_contiguous():
             raise ValueError(
@@ -150,9 +150,14 @@ def _(logits, v, weight, backend):
     weight = None if weight is None else weight.float().contiguous()
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, K)
     _native.extension().logit_hvp_fwd_cpu(
-        _native.ptr(logits), _native.ptr(v), _native.ptr(weight), logits.shape[0], logits.shape[1],
-        _native.ptr(out), _native.cpu_threads(),
-    )  # fmt: skip
+        _native.ptr(logits),
+        _native.ptr(v),
+        _native.ptr(weight),
+        logits.shape[0],
+        logits.shape[1],
+        _native.ptr(out),
+        _native.cpu_threads(),
+    )
     return out
 
 
@@ -169,9 +174,15 @@ def _(logits, v, weight, backend):
     # Python custom ops get no device guard: launch on the logits' device, not the current one.
     with torch.cuda.device(logits.device):
         _native.extension().logit_hvp_fwd_cuda(
-            _native.ptr(logits), _native.ptr(v), _native.ptr(weight), logits.shape[0], logits.shape[1],
-            _native.dtype_code(logits), _native.ptr(out), _native.cuda_stream(logits),
-        )  # fmt: skip
+            _native.ptr(logits),
+            _native.ptr(v),
+            _native.ptr(weight),
+            logits.shape[0],
+            logits.shape[1],
+            _native.dtype_code(logits),
+            _native.ptr(out),
+            _native.cuda_stream(logits),
+        )
     return out
 
 
@@ -199,7 +210,8 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         raise RuntimeError(
             "logit_hvp: the kernels give no gradient w.r.t. logits (a third derivative of the loss); "
-            "pass logits.detach(), or call utilgen.ops.logit_hvp(..., backend='reference') to differentiate through them"
+            "pass logits.detach(), or call utilgen.ops.logit_hvp(..., backend='reference') "
+            "to differentiate through them"
         )
     grad_v = grad_weight = None
     needs_v, needs_weight = ctx.needs_input_grad[1], ctx.needs_input_grad[2]

@@ -87,12 +87,18 @@ def _hvp_exact(loss_fn, params, v, names):
     leaves = {name: params[name].detach().requires_grad_(True) for name in names}
     loss = loss_fn(leaves)
     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-    used = [(name, g) for name, g in zip(names, grads) if g is not None and g.requires_grad]
-    products = torch.autograd.grad(
-        [g for _, g in used], [leaves[name] for name in names], grad_outputs=[v[name] for name, _ in used],
-        allow_unused=True,
-    ) if used else [None] * len(names)  # fmt: skip
-    return {name: _or_zeros(h, params[name]) for name, h in zip(names, products)}
+    used = [(name, g) for name, g in zip(names, grads, strict=True) if g is not None and g.requires_grad]
+    products = (
+        torch.autograd.grad(
+            [g for _, g in used],
+            [leaves[name] for name in names],
+            grad_outputs=[v[name] for name, _ in used],
+            allow_unused=True,
+        )
+        if used
+        else [None] * len(names)
+    )
+    return {name: _or_zeros(h, params[name]) for name, h in zip(names, products, strict=True)}
 
 
 def _hvp_forward_over_reverse(loss_fn, params, v, names):
@@ -145,7 +151,7 @@ def _hvp_finite_difference(loss_fn, params, v, names, eps):
     """
     tensors = [params[name] for name in names]
     directions = [v[name] for name in names]
-    for name, tensor in zip(names, tensors):
+    for name, tensor in zip(names, tensors, strict=True):
         if not tensor.is_leaf:
             raise ValueError(
                 f"hvp(method='finite_difference'): params[{name!r}] is not a leaf tensor; it is shifted in place "
@@ -175,11 +181,11 @@ def _hvp_finite_difference(loss_fn, params, v, names, eps):
         _shift(tensors, directions, +step)  # theta
         products = {}
         with torch.no_grad():
-            for name, t in zip(names, tensors):
+            for name, t in zip(names, tensors, strict=True):
                 products[name] = torch.zeros_like(t) if t.grad is None else t.grad.mul_(-0.5 / step)
     finally:
         _apply_exact_restore(tensors, restore_lists)
-        for t, grad, requires_grad in zip(tensors, saved_grads, saved_requires_grad):
+        for t, grad, requires_grad in zip(tensors, saved_grads, saved_requires_grad, strict=True):
             t.grad = grad
             t.requires_grad_(requires_grad)
     return products
@@ -204,19 +210,24 @@ def _scaled(direction_chunk: torch.Tensor, step: float, dtype: torch.dtype) -> t
 
 @torch.no_grad()
 def _shift(tensors, directions, step):
-    for tensor, direction in zip(tensors, directions):
+    for tensor, direction in zip(tensors, directions, strict=True):
         for _, chunk, direction_chunk in _chunks(tensor, direction):
             chunk.add_(_scaled(direction_chunk, step, tensor.dtype))
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 @torch.no_grad()
 def _plan_exact_restore(tensors, directions, step):
     """Per tensor: (flat indices, original values) where x+d-d-d+d would not give x back."""
     plans = []
-    for tensor, direction in zip(tensors, directions):
+    for tensor, direction in zip(tensors, directions, strict=True):
         bits = _BITS[tensor.dtype]
         index_dtype = torch.int32 if tensor.numel() < 2**31 else torch.int64
         indices, values = [], []
@@ -237,7 +248,7 @@ def _plan_exact_restore(tensors, directions, step):
 
 @torch.no_grad()
 def _apply_exact_restore(tensors, plans):
-    for tensor, (indices, values) in zip(tensors, plans):
+    for tensor, (indices, values) in zip(tensors, plans, strict=True):
         tensor.view(-1)[indices] = values
 
 
@@ -307,7 +318,10 @@ def per_sample_directional_derivative(
             f"targets, got logits of shape {tuple(logits.shape)}"
         )
     out = weighted_cross_entropy(
-        logits.detach().contiguous(), targets, tangent=logit_tangent.detach().contiguous(), return_per_sample=True,
+        logits.detach().contiguous(),
+        targets,
+        tangent=logit_tangent.detach().contiguous(),
+        return_per_sample=True,
         backend=backend,
-    )  # fmt: skip
+    )
     return PerSampleDirectional(out.directional, out.per_sample_loss)

@@ -147,9 +147,13 @@ def _check_inputs(logits, target, weight, reduction, tangent) -> torch.Tensor:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"weighted_cross_entropy: reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
     if not isinstance(target, torch.Tensor) or target.shape != (n,):
-        raise ValueError(f"weighted_cross_entropy: target must have shape ({n},) to match logits, got {_describe(target)}")
+        raise ValueError(
+            f"weighted_cross_entropy: target must have shape ({n},) to match logits, got {_describe(target)}"
+        )
     if target.dtype != torch.int64:
-        raise TypeError(f"weighted_cross_entropy: target must be int64 class indices, got {target.dtype}; use target.long()")
+        raise TypeError(
+            f"weighted_cross_entropy: target must be int64 class indices, got {target.dtype}; use target.long()"
+        )
     if weight is None:
         weight = torch.ones(n, device=logits.device, dtype=torch.float32)
     elif not isinstance(weight, torch.Tensor) or weight.shape != (n,):
@@ -157,11 +161,15 @@ def _check_inputs(logits, target, weight, reduction, tangent) -> torch.Tensor:
     elif not weight.is_floating_point():
         raise TypeError(f"weighted_cross_entropy: weight must be floating point, got {weight.dtype}")
     if tangent is not None and (not isinstance(tangent, torch.Tensor) or tangent.shape != logits.shape):
-        raise ValueError(f"weighted_cross_entropy: tangent must have the logits' shape {tuple(logits.shape)}, got {_describe(tangent)}")
+        raise ValueError(
+            f"weighted_cross_entropy: tangent must have the logits' shape {tuple(logits.shape)}, "
+            f"got {_describe(tangent)}"
+        )
     for name, tensor in (("target", target), ("weight", weight), ("tangent", tangent)):
         if tensor is not None and tensor.device != logits.device:
             raise ValueError(
-                f"weighted_cross_entropy: {name} is on {tensor.device} but logits are on {logits.device}; move them to one device"
+                f"weighted_cross_entropy: {name} is on {tensor.device} but logits are on {logits.device}; "
+                "move them to one device"
             )
     return weight
 
@@ -204,13 +212,15 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     loss = logits.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
     per_sample = logits.new_empty((n,), dtype=torch.float32)
     directional = logits.new_empty((n,) if tangent is not None else (0,), dtype=torch.float32)
-    grad_cache = logits.new_empty(logits.shape if _caches_grad(logits, compute_grad, backend) else (0,), dtype=torch.float32)
+    grad_cache = logits.new_empty(
+        logits.shape if _caches_grad(logits, compute_grad, backend) else (0,), dtype=torch.float32
+    )
     return loss, per_sample, torch.empty_like(per_sample), directional, grad_cache
 
 
 def _forward_outputs(logits, reduction, with_tangent, with_grad=False):
     n = logits.shape[0]
-    f32 = dict(device=logits.device, dtype=torch.float32)
+    f32 = {"device": logits.device, "dtype": torch.float32}
     loss = torch.empty((n,) if reduction == 0 else (), **f32)
     per_sample = torch.empty((n,), **f32)
     lse = torch.empty((n,), **f32)
@@ -231,11 +241,20 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     with_grad = _caches_grad(logits, compute_grad, backend)
     loss, per_sample, lse, directional, grad_cache = _forward_outputs(logits, reduction, tangent is not None, with_grad)
     _native.extension().weighted_cross_entropy_fwd_cpu(
-        _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(tangent),
-        logits.shape[0], logits.shape[1], reduction,
-        _native.ptr(loss), _native.ptr(per_sample), _native.ptr(lse), _native.ptr(directional),
-        _native.ptr(grad_cache) if with_grad else 0, _native.cpu_threads(),
-    )  # fmt: skip
+        _native.ptr(logits),
+        _native.ptr(target),
+        _native.ptr(weight),
+        _native.ptr(tangent),
+        logits.shape[0],
+        logits.shape[1],
+        reduction,
+        _native.ptr(loss),
+        _native.ptr(per_sample),
+        _native.ptr(lse),
+        _native.ptr(directional),
+        _native.ptr(grad_cache) if with_grad else 0,
+        _native.cpu_threads(),
+    )
     return loss, per_sample, lse, directional, grad_cache
 
 
@@ -257,11 +276,22 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     # Python custom ops get no device guard: launch on the logits' device, not the current one.
     with torch.cuda.device(logits.device):
         module.weighted_cross_entropy_fwd_cuda(
-            _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(tangent),
-            logits.shape[0], logits.shape[1], reduction, _native.dtype_code(logits),
-            _native.ptr(loss), _native.ptr(per_sample), _native.ptr(lse), _native.ptr(directional),
-            _native.ptr(partials), _native.ptr(counter), _native.cuda_stream(logits),
-        )  # fmt: skip
+            _native.ptr(logits),
+            _native.ptr(target),
+            _native.ptr(weight),
+            _native.ptr(tangent),
+            logits.shape[0],
+            logits.shape[1],
+            reduction,
+            _native.dtype_code(logits),
+            _native.ptr(loss),
+            _native.ptr(per_sample),
+            _native.ptr(lse),
+            _native.ptr(directional),
+            _native.ptr(partials),
+            _native.ptr(counter),
+            _native.cuda_stream(logits),
+        )
     return loss, per_sample, lse, directional, grad_cache
 
 
@@ -301,7 +331,9 @@ def _weighted_cross_entropy_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_logits (N, K) in the logits' dtype, grad_weight (N,) float32)."""
-    raise NotImplementedError(f"utilgen::weighted_cross_entropy_backward has no kernel for {logits.device.type} tensors")
+    raise NotImplementedError(
+        f"utilgen::weighted_cross_entropy_backward has no kernel for {logits.device.type} tensors"
+    )
 
 
 @_weighted_cross_entropy_backward_op.register_fake
@@ -339,11 +371,21 @@ def _(grad_loss, logits, target, weight, per_sample, lse, reduction, backend):
     # Python custom ops get no device guard: launch on the logits' device, not the current one.
     with torch.cuda.device(logits.device):
         _native.extension().weighted_cross_entropy_bwd_cuda(
-            _native.ptr(grad), per_row, scale,
-            _native.ptr(logits), _native.ptr(target), _native.ptr(weight), _native.ptr(per_sample), _native.ptr(lse),
-            logits.shape[0], logits.shape[1], _native.dtype_code(logits),
-            _native.ptr(grad_logits), _native.ptr(grad_weight), _native.cuda_stream(logits),
-        )  # fmt: skip
+            _native.ptr(grad),
+            per_row,
+            scale,
+            _native.ptr(logits),
+            _native.ptr(target),
+            _native.ptr(weight),
+            _native.ptr(per_sample),
+            _native.ptr(lse),
+            logits.shape[0],
+            logits.shape[1],
+            _native.dtype_code(logits),
+            _native.ptr(grad_logits),
+            _native.ptr(grad_weight),
+            _native.cuda_stream(logits),
+        )
     return grad_logits, grad_weight
 
 

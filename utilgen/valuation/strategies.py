@@ -95,7 +95,7 @@ def _replayed_randomness(state: tuple):
     devices = list(range(len(cuda_states)))
     with torch.random.fork_rng(devices=devices):
         torch.set_rng_state(cpu_state)
-        for device, cuda_state in zip(devices, cuda_states):
+        for device, cuda_state in zip(devices, cuda_states, strict=True):
             torch.cuda.set_rng_state(cuda_state, device)
         yield
 
@@ -137,7 +137,9 @@ def _meta_loss_and_direction(problem: Lookahead, virtual: Params, backend: str |
     meta_logits = problem.model_fn(leaves, problem.meta_inputs)  # (M, K)
     meta_loss = weighted_cross_entropy(meta_logits, problem.meta_targets, backend=backend)
     grads = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
-    direction = {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads)}
+    direction = {
+        name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads, strict=True)
+    }
     return meta_loss.detach(), direction
 
 
@@ -153,7 +155,7 @@ def _virtual_step(problem: Lookahead, backend: str | None):
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     virtual = {
         name: problem.params[name].detach() - problem.inner_lr * g if g is not None else problem.params[name].detach()
-        for name, g in zip(leaves, grads)
+        for name, g in zip(leaves, grads, strict=True)
     }
     return virtual, per_sample_loss, logits.detach(), weights, rng
 
@@ -165,7 +167,7 @@ def _phi_grads_from_directional(problem: Lookahead, weights: torch.Tensor, direc
     grads = torch.autograd.grad(
         weights, phi, grad_outputs=(-(problem.inner_lr / n) * directional).to(weights.dtype), allow_unused=True
     )
-    return {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, phi, grads)}
+    return {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, phi, grads, strict=True)}
 
 
 # --------------------------------------------------------------------------- strategies
@@ -180,15 +182,20 @@ def exact_meta_gradient(problem: Lookahead) -> MetaGradient:
     weights = _weights(problem, per_sample_loss, logits)  # (N,)
     loss = weighted_cross_entropy(logits, problem.targets, weights, backend="reference")
     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-    virtual = {name: leaves[name] if g is None else leaves[name] - problem.inner_lr * g for name, g in zip(leaves, grads)}
+    virtual = {
+        name: leaves[name] if g is None else leaves[name] - problem.inner_lr * g
+        for name, g in zip(leaves, grads, strict=True)
+    }
     meta_logits = problem.model_fn(virtual, problem.meta_inputs)  # (M, K)
     meta_loss = weighted_cross_entropy(meta_logits, problem.meta_targets, backend="reference")
     names, phi = _weight_net_params(problem)
     phi_grads = torch.autograd.grad(meta_loss, phi, allow_unused=True)
     return MetaGradient(
-        {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, phi, phi_grads)},
-        meta_loss.detach(), per_sample_loss, weights.detach(),
-    )  # fmt: skip
+        {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, phi, phi_grads, strict=True)},
+        meta_loss.detach(),
+        per_sample_loss,
+        weights.detach(),
+    )
 
 
 def directional_meta_gradient(problem: Lookahead, *, backend: str | None = None) -> MetaGradient:
@@ -200,8 +207,9 @@ def directional_meta_gradient(problem: Lookahead, *, backend: str | None = None)
         out = per_sample_directional_derivative(
             problem.model_fn, problem.params, problem.inputs, problem.targets, direction, backend=backend
         )
-    return MetaGradient(_phi_grads_from_directional(problem, weights, out.directional), meta_loss, per_sample_loss,
-                        weights.detach())  # fmt: skip
+    return MetaGradient(
+        _phi_grads_from_directional(problem, weights, out.directional), meta_loss, per_sample_loss, weights.detach()
+    )
 
 
 def default_one_sided_eps(direction: Params) -> float:
@@ -243,8 +251,9 @@ def finite_difference_meta_gradient(
             shifted_logits = problem.model_fn(shifted, problem.inputs)  # (N, K)
         tangent = (shifted_logits.float() - logits.float()) / step  # (N, K)
         directional = weighted_cross_entropy(logits, problem.targets, tangent=tangent, backend=backend).directional
-    return MetaGradient(_phi_grads_from_directional(problem, weights, directional), meta_loss, per_sample_loss,
-                        weights.detach())  # fmt: skip
+    return MetaGradient(
+        _phi_grads_from_directional(problem, weights, directional), meta_loss, per_sample_loss, weights.detach()
+    )
 
 
 META_GRADIENTS: dict[str, Callable[[Lookahead], MetaGradient]] = {
@@ -259,5 +268,7 @@ def meta_gradient(problem: Lookahead, strategy: str = "directional") -> MetaGrad
     try:
         compute = META_GRADIENTS[strategy]
     except KeyError:
-        raise ValueError(f"unknown meta-gradient strategy {strategy!r}; choose one of {sorted(META_GRADIENTS)}") from None
+        raise ValueError(
+            f"unknown meta-gradient strategy {strategy!r}; choose one of {sorted(META_GRADIENTS)}"
+        ) from None
     return compute(problem)

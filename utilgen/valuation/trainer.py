@@ -126,9 +126,18 @@ def meta_update(
     """
     params = {name: p.detach() for name, p in classifier.named_parameters()}
     problem = Lookahead(
-        lookahead_model_fn(classifier), params, weight_net, weight_net.features, batch[0], batch[1], meta_batch[0],
-        meta_batch[1], inner_lr, weight_mask, normalize,
-    )  # fmt: skip
+        lookahead_model_fn(classifier),
+        params,
+        weight_net,
+        weight_net.features,
+        batch[0],
+        batch[1],
+        meta_batch[0],
+        meta_batch[1],
+        inner_lr,
+        weight_mask,
+        normalize,
+    )
     out = meta_gradient(problem, strategy)
     if not bool(torch.isfinite(out.meta_loss)):
         return out
@@ -214,17 +223,21 @@ def fit_valuation(
     channels, size, _ = real_train.image_shape
     classifier_name = config.classifier if classifier is None else None
     if classifier is None:
-        classifier = build_classifier(config.classifier, num_classes=real_train.num_classes, in_channels=channels,
-                                      image_size=size)  # fmt: skip
+        classifier = build_classifier(
+            config.classifier, num_classes=real_train.num_classes, in_channels=channels, image_size=size
+        )
     classifier = classifier.to(device).train()
     weight_net = WeightNet(config.weight_net_hidden, config.features).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=config.inner_lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=config.inner_lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay)
 
     images = torch.cat([real_train.images, synthetic.images]).to(device)  # (N_r + N_g, C, H, W)
     labels = torch.cat([real_train.labels, synthetic.labels]).to(device)
-    is_synthetic = torch.cat([torch.zeros(len(real_train), dtype=torch.bool), torch.ones(len(synthetic), dtype=torch.bool)])
+    is_synthetic = torch.cat(
+        [torch.zeros(len(real_train), dtype=torch.bool), torch.ones(len(synthetic), dtype=torch.bool)]
+    )
     is_synthetic = is_synthetic.to(device)
     meta_images, meta_labels = meta.images.to(device), meta.labels.to(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -234,7 +247,9 @@ def fit_valuation(
     history = FitHistory()
 
     def result() -> Valuation:
-        return Valuation(classifier, weight_net, real_train.class_names, real_train.image_shape, classifier_name, history)
+        return Valuation(
+            classifier, weight_net, real_train.class_names, real_train.image_shape, classifier_name, history
+        )
 
     for step in tqdm(range(config.steps), desc=f"TODV ({config.strategy})", disable=not config.progress):
         index = batches.next().to(device)
@@ -243,24 +258,39 @@ def fit_valuation(
         if reweight and step % config.meta_every == 0:
             meta_index = meta_batches.next().to(device)
             out = meta_update(
-                classifier, weight_net, meta_optimizer, batch, (meta_images[meta_index], meta_labels[meta_index]),
-                strategy=config.strategy, inner_lr=optimizer.param_groups[0]["lr"], weight_mask=mask,
+                classifier,
+                weight_net,
+                meta_optimizer,
+                batch,
+                (meta_images[meta_index], meta_labels[meta_index]),
+                strategy=config.strategy,
+                inner_lr=optimizer.param_groups[0]["lr"],
+                weight_mask=mask,
                 normalize=config.normalize_weights,
-            )  # fmt: skip
+            )
             meta_loss = float(out.meta_loss)
             if not math.isfinite(meta_loss):
-                raise NonFiniteLossError(f"TODV: meta loss is {meta_loss} at step {step}", step=step, valuation=result(),
-                                         history=history)  # fmt: skip
+                raise NonFiniteLossError(
+                    f"TODV: meta loss is {meta_loss} at step {step}", step=step, valuation=result(), history=history
+                )
             history.meta_step.append(step)
             history.meta_loss.append(meta_loss)
-        loss, weights = weighted_step(classifier, weight_net if reweight else None, optimizer, batch, weight_mask=mask,
-                                      normalize=config.normalize_weights)
+        loss, weights = weighted_step(
+            classifier,
+            weight_net if reweight else None,
+            optimizer,
+            batch,
+            weight_mask=mask,
+            normalize=config.normalize_weights,
+        )
         loss = float(loss)
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"TODV: training loss is {loss} at step {step} (lower inner_lr?); the result holds steps 0..{step - 1}",
-                step=step, valuation=result(), history=history,
-            )  # fmt: skip
+                step=step,
+                valuation=result(),
+                history=history,
+            )
         history.loss.append(loss)
         history.mean_weight_real.append(_mean_or_nan(weights[~synthetic_rows]))
         history.mean_weight_synthetic.append(_mean_or_nan(weights[synthetic_rows]))

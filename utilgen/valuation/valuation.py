@@ -72,9 +72,13 @@ class Valuation:
         if images.dim() == 4 and images.shape[1] == self.image_shape[0] and self.image_shape[1] == self.image_shape[2]:
             images = resize_images(images, self.image_shape[1])
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+            )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.class_names)):
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         out = []
@@ -96,9 +100,13 @@ class Valuation:
         and weight network are not trained here. One batch, on ``self.device``.
         """
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+            )
         x, y = images.to(self.device, torch.float32), labels.to(self.device)
         logits = self.classifier(x)  # (N, K)
         losses = F.cross_entropy(logits.float(), y, reduction="none")  # (N,)
@@ -132,13 +140,16 @@ class Valuation:
         tensors |= {f"weight_net.{k}": v.detach().cpu().contiguous() for k, v in self.weight_net.state_dict().items()}
         atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors(tensors))
         hidden = self.weight_net.net[0].out_features
-        atomic_write_json(directory / CONFIG_NAME, {
-            "format": FORMAT,
-            "classifier": self.classifier_name,
-            "class_names": list(self.class_names),
-            "image_shape": list(self.image_shape),
-            "weight_net": {"hidden": hidden, "features": list(self.features)},
-        })  # fmt: skip
+        atomic_write_json(
+            directory / CONFIG_NAME,
+            {
+                "format": FORMAT,
+                "classifier": self.classifier_name,
+                "class_names": list(self.class_names),
+                "image_shape": list(self.image_shape),
+                "weight_net": {"hidden": hidden, "features": list(self.features)},
+            },
+        )
         return directory
 
     @classmethod
@@ -159,5 +170,10 @@ class Valuation:
         for prefix, module in (("classifier.", classifier), ("weight_net.", weight_net)):
             state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             module.load_state_dict(state, strict=True)
-        return cls(classifier.to(device), weight_net.to(device), tuple(config["class_names"]), tuple(config["image_shape"]),
-                   config["classifier"])  # fmt: skip
+        return cls(
+            classifier.to(device),
+            weight_net.to(device),
+            tuple(config["class_names"]),
+            tuple(config["image_shape"]),
+            config["classifier"],
+        )
