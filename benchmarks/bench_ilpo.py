@@ -24,7 +24,7 @@ import torch
 from utilgen.generator import sample_differentiable
 from utilgen.generator.embedded import EmbeddedGenerator, WeightsError, load_pretrained
 from utilgen.models import WeightNet, build_classifier
-from utilgen.ops import LatentUpdateState, latent_update
+from utilgen.ops import LatentUpdateSettings, LatentUpdateState, latent_update
 from utilgen.ops.latent_update import SUPPORT
 from utilgen.valuation import Valuation
 
@@ -69,9 +69,8 @@ class Batched:
         self.state, self.backend = LatentUpdateState.zeros_like(None, prompts), backend
 
     def step(self, prompts: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
-        latent_update(
-            None, None, prompts, grad, self.state, embed_lr=LR, maximize=True, active=active, backend=self.backend
-        )
+        settings = LatentUpdateSettings(embed_lr=LR, maximize=True)
+        latent_update(None, None, prompts, grad, self.state, settings, active=active, backend=self.backend)
 
 
 def _updater(provider: str, prompts: torch.Tensor):

@@ -26,8 +26,8 @@ import pytest
 import registry
 import torch
 
-from utilgen.ops import latent_update
-from utilgen.ops.latent_update import SUPPORT, LatentUpdateState, _prepare, _reference_impl
+from utilgen.ops import LatentUpdateSettings, LatentUpdateState, latent_update
+from utilgen.ops.latent_update import SUPPORT, _prepare, _reference_impl
 
 PROVIDERS = ("eager", "per_sample_adam_loop", "reference", "compile", "cpp", "cuda", "triton")
 SHAPES = registry.SHAPES["latent_update"]
@@ -86,27 +86,13 @@ def _per_sample_adam_loop(noise, noise_grad, embed, embed_grad):
     return step
 
 
+# The step every provider times: Adam, per-part learning rates, noise shell projection.
+SETTINGS = LatentUpdateSettings(noise_lr=NOISE_LR, embed_lr=EMBED_LR, project_noise=True)
+
+
 def _utilgen_args(noise, noise_grad, embed, embed_grad):
     state = LatentUpdateState.zeros_like(noise, embed)
-    return _prepare(
-        noise,
-        noise_grad,
-        embed,
-        embed_grad,
-        state,
-        optimizer="adam",
-        noise_lr=NOISE_LR,
-        embed_lr=EMBED_LR,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        momentum=0.0,
-        maximize=False,
-        active=None,
-        project_noise=True,
-        embed_anchor=None,
-        embed_max_distance=None,
-    )
+    return _prepare(noise, noise_grad, embed, embed_grad, state, SETTINGS, None)
 
 
 def _make_step(provider: str, shape: dict):
@@ -118,19 +104,9 @@ def _make_step(provider: str, shape: dict):
     if provider in ("reference", "compile"):
         args = _utilgen_args(noise, noise_grad, embed, embed_grad)
         impl = _reference_impl if provider == "reference" else torch.compile(_reference_impl, dynamic=False)
-        return lambda: impl(**args)
+        return lambda: impl(args)
     state = LatentUpdateState.zeros_like(noise, embed)
-    return lambda: latent_update(
-        noise,
-        noise_grad,
-        embed,
-        embed_grad,
-        state,
-        noise_lr=NOISE_LR,
-        embed_lr=EMBED_LR,
-        project_noise=True,
-        backend=provider,
-    )
+    return lambda: latent_update(noise, noise_grad, embed, embed_grad, state, SETTINGS, backend=provider)
 
 
 def _skip_reason(provider: str) -> str:

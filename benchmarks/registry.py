@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see ENVIRONMENT.md
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch: busy-waiting OpenMP threads cost 10-30x on 2 cores (docs/design.md, "Machine facts")
 
 import importlib.metadata
 import platform

@@ -17,7 +17,8 @@
 
 namespace utilgen {
 
-// Dtype codes shared with utilgen/_native.py (DTYPE_CODES).
+// Element types of the tensors Python passes. The one definition of these codes: module.cpp
+// exports them as utilgen._C.DType (members named as torch's dtypes), which utilgen/_native.py reads.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline const char* dtype_name(int code) {

@@ -342,7 +342,8 @@ void validate_part(const LatentUpdateArgs& a, const LatentPart& part, const char
 void validate(const LatentUpdateArgs& a) {
   UTILGEN_CHECK(a.n >= 0, "latent_update: n=" << a.n << " must be >= 0");
   const int kind = static_cast<int>(a.optimizer);
-  UTILGEN_CHECK(kind >= 0 && kind <= 2, "latent_update: optimizer code " << kind << " must be 0 (adam), 1 (sgd with momentum) or 2 (sgd)");
+  UTILGEN_CHECK(kind >= static_cast<int>(OptimizerKind::kAdam) && kind <= static_cast<int>(OptimizerKind::kSgdPlain),
+                "latent_update: optimizer code " << kind << " is not a utilgen._C.OptimizerKind value");
   UTILGEN_CHECK(a.noise.present() || a.embed.present(), "latent_update: neither noise nor embed is given");
   UTILGEN_CHECK(a.beta1 >= 0.0f && a.beta1 < 1.0f && a.beta2 >= 0.0f && a.beta2 < 1.0f,
                 "latent_update: betas (" << a.beta1 << ", " << a.beta2 << ") must lie in [0, 1)");
@@ -389,6 +390,15 @@ void latent_update_cuda_entry(py::kwargs kwargs) {
 }  // namespace
 
 void register_latent_update(py::module_& m) {
+  py::enum_<OptimizerKind>(m, "OptimizerKind", "latent_update's optimizer codes (csrc/latent_update.h)")
+      .value("adam", OptimizerKind::kAdam)
+      .value("sgd_momentum", OptimizerKind::kSgdMomentum)
+      .value("sgd", OptimizerKind::kSgdPlain);
+  py::enum_<Projection>(m, "Projection", "latent_update's projection of a part after the step (csrc/latent_update.h)")
+      .value("none", Projection::kNone)
+      .value("shell", Projection::kShell)
+      .value("ball", Projection::kBall);
+  m.attr("latent_update_tiny_norm") = kTinyNorm;
   m.def("latent_update_cpu", &latent_update_cpu_entry,
         "Fused Adam/SGD step over N noises and N prompt embeddings (fp32, CPU, OpenMP), in place. "
         "Keyword arguments only; called by utilgen.ops.latent_update.");

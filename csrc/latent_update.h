@@ -10,12 +10,15 @@
 
 namespace utilgen {
 
-// Codes shared with utilgen/ops/latent_update.py (_ADAM, _SGD_MOMENTUM, _SGD_PLAIN).
+// The one definition of these codes. register_latent_update exports them to Python as
+// utilgen._C.OptimizerKind ("adam", "sgd_momentum", "sgd") and utilgen._C.Projection ("none",
+// "shell", "ball"): utilgen/ops/latent_update.py passes the exported values, and the Triton kernel
+// branches on the same names (tests/test_latent_update.py checks that the names agree).
 enum class OptimizerKind : int { kAdam = 0, kSgdMomentum = 1, kSgdPlain = 2 };
-// Codes shared with utilgen/ops/latent_update.py (_NO_PROJECTION, _SHELL, _BALL).
 enum class Projection : int { kNone = 0, kShell = 1, kBall = 2 };
 
-// Below this norm a projection leaves the instance alone (as _TINY_NORM in Python).
+// Below this norm a projection leaves the instance alone (exported as _C.latent_update_tiny_norm;
+// tests/test_latent_update.py checks it equals the Python reference's and the Triton kernel's).
 constexpr float kTinyNorm = 1e-12f;
 
 // One part (noise or embedding) of all N instances; param == 0 means absent.

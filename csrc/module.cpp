@@ -10,6 +10,11 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "utilgen compiled kernels (C++/OpenMP CPU, CUDA when built)";
 
+  py::enum_<utilgen::DType>(m, "DType", "Element type codes of the kernels' tensors (csrc/common.h)")
+      .value("float32", utilgen::kFloat32)
+      .value("float16", utilgen::kFloat16)
+      .value("bfloat16", utilgen::kBFloat16);
+
 #ifdef UTILGEN_WITH_CUDA
   m.attr("cuda_built") = true;
   m.def("cuda_device_count", &utilgen::cuda_device_count,

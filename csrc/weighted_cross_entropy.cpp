@@ -154,7 +154,7 @@ inline RowResult forward_row(const float* z, const float* u, std::int64_t k, std
 // mean over large N does not drift) and records the first invalid target.
 UTILGEN_SIMD_CLONES
 double forward_rows(const float* logits, const std::int64_t* target, const float* weight, const float* tangent,
-                    std::int64_t begin, std::int64_t end, std::int64_t k, int reduction, float grad_scale,
+                    std::int64_t begin, std::int64_t end, std::int64_t k, Reduction reduction, float grad_scale,
                     float* loss, float* per_sample, float* lse, float* directional, float* grad,
                     std::atomic<std::int64_t>& bad_row) {
   double weighted_sum = 0.0;
@@ -165,7 +165,7 @@ double forward_rows(const float* logits, const std::int64_t* target, const float
       bad_row.compare_exchange_strong(expected, i);
       per_sample[i] = lse[i] = kNaN;
       if (directional) directional[i] = kNaN;
-      if (reduction == 0) loss[i] = kNaN;
+      if (reduction == Reduction::kNone) loss[i] = kNaN;
       if (grad) std::fill(grad + i * k, grad + (i + 1) * k, kNaN);
       continue;
     }
@@ -175,19 +175,20 @@ double forward_rows(const float* logits, const std::int64_t* target, const float
     lse[i] = row.lse;
     if (directional) directional[i] = row.directional;
     const float weighted = weight[i] * row.loss;
-    if (reduction == 0) loss[i] = weighted;
+    if (reduction == Reduction::kNone) loss[i] = weighted;
     weighted_sum += weighted;
   }
   return weighted_sum;
 }
 
 void weighted_cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t target, std::uintptr_t weight,
-                                    std::uintptr_t tangent, std::int64_t n, std::int64_t k, int reduction,
+                                    std::uintptr_t tangent, std::int64_t n, std::int64_t k, int reduction_code,
                                     std::uintptr_t loss, std::uintptr_t per_sample, std::uintptr_t lse,
                                     std::uintptr_t directional, std::uintptr_t grad_logits, int num_threads) {
   UTILGEN_CHECK(n > 0 && k > 0, "weighted_cross_entropy_fwd_cpu: logits must be non-empty, got N=" << n << ", K=" << k);
-  UTILGEN_CHECK(reduction >= 0 && reduction <= 2,
-                "weighted_cross_entropy_fwd_cpu: reduction code must be 0 (none), 1 (mean) or 2 (sum), got " << reduction);
+  UTILGEN_CHECK(is_reduction(reduction_code),
+                "weighted_cross_entropy_fwd_cpu: reduction code " << reduction_code << " is not a utilgen._C.Reduction value");
+  const Reduction reduction = static_cast<Reduction>(reduction_code);
   UTILGEN_CHECK_PTR(logits, "logits");
   UTILGEN_CHECK_PTR(target, "target");
   UTILGEN_CHECK_PTR(weight, "weight");
@@ -203,7 +204,7 @@ void weighted_cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t target
   float* loss_out = as_ptr<float>(loss);
   float* directional_out = tangent ? as_ptr<float>(directional) : nullptr;
   float* grad = grad_logits ? as_ptr<float>(grad_logits) : nullptr;
-  const float grad_scale = reduction == 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+  const float grad_scale = reduction == Reduction::kMean ? 1.0f / static_cast<float>(n) : 1.0f;
 
   // Fixed row chunks, one partial sum each, added in chunk order: the loss is
   // deterministic for a given thread count.
@@ -222,16 +223,20 @@ void weighted_cross_entropy_fwd_cpu(std::uintptr_t logits, std::uintptr_t target
     UTILGEN_CHECK(false, "weighted_cross_entropy: target[" << row << "] = " << y[row] << " is not a class index in [0, "
                                                            << k << ")");
   }
-  if (reduction != 0) {
+  if (reduction != Reduction::kNone) {
     double total = 0.0;
     for (double p : partial) total += p;
-    *loss_out = static_cast<float>(reduction == 1 ? total / static_cast<double>(n) : total);
+    *loss_out = static_cast<float>(reduction == Reduction::kMean ? total / static_cast<double>(n) : total);
   }
 }
 
 }  // namespace
 
 void register_weighted_cross_entropy(py::module_& m) {
+  py::enum_<Reduction>(m, "Reduction", "weighted_cross_entropy's reduction codes (csrc/weighted_cross_entropy.h)")
+      .value("none", Reduction::kNone)
+      .value("mean", Reduction::kMean)
+      .value("sum", Reduction::kSum);
   m.def("weighted_cross_entropy_fwd_cpu", &weighted_cross_entropy_fwd_cpu, py::arg("logits"), py::arg("target"),
         py::arg("weight"), py::arg("tangent"), py::arg("n"), py::arg("k"), py::arg("reduction"), py::arg("loss"),
         py::arg("per_sample"), py::arg("lse"), py::arg("directional"), py::arg("grad_logits"),

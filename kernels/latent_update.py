@@ -19,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Codes shared with utilgen/ops/latent_update.py and csrc/latent_update.h.
-_ADAM, _SGD_MOMENTUM, _SGD_PLAIN = 0, 1, 2
-_NO_PROJECTION, _SHELL, _BALL = 0, 1, 2
-_TINY_NORM = 1e-12
+# The kernel specialises on these names (constexpr strings): the members of csrc/latent_update.h's
+# OptimizerKind and Projection, as the extension exports them. tests/test_latent_update.py checks
+# that they, and _TINY_NORM, agree with the extension and with utilgen/ops/latent_update.py.
+OPTIMIZER_KINDS = ("adam", "sgd_momentum", "sgd")
+PROJECTIONS = ("none", "shell", "ball")
+_TINY_NORM = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def _latent_update_part_kernel(
     t = old_step + 1.0
     step_size = tl.load(lr_ptr + i)
     inv_bias_correction2_sqrt = 1.0
-    if OPTIMIZER == 0:  # Adam: beta^t as exp2(t log2 beta), no libdevice pow
+    if OPTIMIZER == "adam":  # beta^t as exp2(t log2 beta), no libdevice pow
         step_size = step_size / (1.0 - tl.exp2(t * log2_beta1))
         inv_bias_correction2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
 
@@ -74,7 +76,7 @@ def _latent_update_part_kernel(
         mask = idx < numel
         x = tl.load(param_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         g = grad_sign * tl.load(grad_ptr + base + idx, mask=mask, other=0.0).to(tl.float32) + weight_decay * x
-        if OPTIMIZER == 0:
+        if OPTIMIZER == "adam":
             m = tl.load(exp_avg_ptr + base + idx, mask=mask, other=0.0)
             v = tl.load(exp_avg_sq_ptr + base + idx, mask=mask, other=0.0)
             m = m + (1.0 - beta1) * (g - m)
@@ -82,33 +84,33 @@ def _latent_update_part_kernel(
             tl.store(exp_avg_ptr + base + idx, m, mask=mask)
             tl.store(exp_avg_sq_ptr + base + idx, v, mask=mask)
             x_new = x - step_size * m / (tl.sqrt(v) * inv_bias_correction2_sqrt + eps)
-        elif OPTIMIZER == 1:
+        elif OPTIMIZER == "sgd_momentum":
             buffer = momentum * tl.load(exp_avg_ptr + base + idx, mask=mask, other=0.0) + g
             tl.store(exp_avg_ptr + base + idx, buffer, mask=mask)
             x_new = x - step_size * buffer
         else:
             x_new = x - step_size * g
         tl.store(param_ptr + base + idx, x_new.to(param_ptr.dtype.element_ty), mask=mask)
-        if PROJECTION == 1:
+        if PROJECTION == "shell":
             sum_sq += tl.where(mask, x_new * x_new, 0.0)
-        elif PROJECTION == 2:
+        elif PROJECTION == "ball":
             d = x_new - tl.load(center_ptr + i * center_stride + idx, mask=mask, other=0.0).to(tl.float32)
             sum_sq += tl.where(mask, d * d, 0.0)
 
-    if PROJECTION != 0:
+    if PROJECTION != "none":
         norm = tl.sqrt(tl.sum(sum_sq, axis=0))
-        if PROJECTION == 1:
-            scale = shell_norm / tl.maximum(norm, 1e-12)
-            project_limit = tl.where(norm >= 1e-12, limit, 0)
+        if PROJECTION == "shell":
+            scale = shell_norm / tl.maximum(norm, _TINY_NORM)
+            project_limit = tl.where(norm >= _TINY_NORM, limit, 0)
         else:
             radius = tl.load(radius_ptr + i)
-            scale = radius / tl.maximum(norm, 1e-12)
-            project_limit = tl.where((norm > radius) & (norm >= 1e-12), limit, 0)  # inside its ball: untouched
+            scale = radius / tl.maximum(norm, _TINY_NORM)
+            project_limit = tl.where((norm > radius) & (norm >= _TINY_NORM), limit, 0)  # inside its ball: untouched
         for start in range(0, project_limit, BLOCK):
             idx = start + offsets
             mask = idx < numel
             x = tl.load(param_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-            if PROJECTION == 1:
+            if PROJECTION == "shell":
                 x = x * scale
             else:
                 c = tl.load(center_ptr + i * center_stride + idx, mask=mask, other=0.0).to(tl.float32)
@@ -139,7 +141,7 @@ def _launch_part(
     center,
     radius,
     *,
-    optimizer_code,
+    optimizer_kind,
     projection,
     shell_norm,
     hyper,
@@ -162,7 +164,7 @@ def _launch_part(
         center_stride,
         *hyper,
         shell_norm,
-        OPTIMIZER=optimizer_code,
+        OPTIMIZER=optimizer_kind,
         PROJECTION=projection,
         HAS_ACTIVE=active is not None,
         WRITE_STEP=write_step,
@@ -170,50 +172,33 @@ def _launch_part(
     )
 
 
-def latent_update_triton(
-    noise,
-    noise_grad,
-    noise_exp_avg,
-    noise_exp_avg_sq,
-    noise_lr,
-    embed,
-    embed_grad,
-    embed_exp_avg,
-    embed_exp_avg_sq,
-    embed_lr,
-    embed_anchor,
-    embed_max_distance,
-    step,
-    active,
-    optimizer,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    momentum,
-    maximize,
-    project_noise,
-    optimizer_code,
-) -> None:
-    """Runs the step with the (already validated) arguments of the ``utilgen::latent_update`` op."""
-    del optimizer  # optimizer_code carries it, with SGD's momentum / plain distinction
+def latent_update_triton(args: dict, optimizer_kind: str) -> None:
+    """Runs the step on the (already validated) arguments of the ``utilgen::latent_update`` op, by name.
+
+    ``optimizer_kind``: one of ``OPTIMIZER_KINDS`` (it tells SGD with a momentum buffer from plain SGD).
+    """
+    if optimizer_kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer_kind={optimizer_kind!r} is not one of {OPTIMIZER_KINDS}")
+    beta1, beta2 = args["beta1"], args["beta2"]
     # log2(0) is -inf; exp2(t * -inf) = 0 gives the right bias correction for beta = 0.
     log2_beta1 = math.log2(beta1) if beta1 > 0 else -math.inf
     log2_beta2 = math.log2(beta2) if beta2 > 0 else -math.inf
-    hyper = (-1.0 if maximize else 1.0, weight_decay, beta1, beta2, log2_beta1, log2_beta2, eps, momentum)
+    grad_sign = -1.0 if args["maximize"] else 1.0
+    hyper = (grad_sign, args["weight_decay"], beta1, beta2, log2_beta1, log2_beta2, args["eps"], args["momentum"])
+    noise, embed, anchor = args["noise"], args["embed"], args["embed_anchor"]
     if noise is not None:
         _launch_part(
             noise,
-            noise_grad,
-            noise_exp_avg,
-            noise_exp_avg_sq,
-            noise_lr,
-            step,
-            active,
+            args["noise_grad"],
+            args["noise_exp_avg"],
+            args["noise_exp_avg_sq"],
+            args["noise_lr"],
+            args["step"],
+            args["active"],
             None,
             None,
-            optimizer_code=optimizer_code,
-            projection=_SHELL if project_noise else _NO_PROJECTION,
+            optimizer_kind=optimizer_kind,
+            projection="shell" if args["project_noise"] else "none",
             shell_norm=math.sqrt(noise[0].numel()),
             hyper=hyper,
             write_step=embed is None,
@@ -221,16 +206,16 @@ def latent_update_triton(
     if embed is not None:
         _launch_part(
             embed,
-            embed_grad,
-            embed_exp_avg,
-            embed_exp_avg_sq,
-            embed_lr,
-            step,
-            active,
-            embed_anchor,
-            embed_max_distance,
-            optimizer_code=optimizer_code,
-            projection=_BALL if embed_anchor is not None else _NO_PROJECTION,
+            args["embed_grad"],
+            args["embed_exp_avg"],
+            args["embed_exp_avg_sq"],
+            args["embed_lr"],
+            args["step"],
+            args["active"],
+            anchor,
+            args["embed_max_distance"],
+            optimizer_kind=optimizer_kind,
+            projection="ball" if anchor is not None else "none",
             shell_norm=0.0,
             hyper=hyper,
             write_step=True,

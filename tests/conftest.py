@@ -1,15 +1,19 @@
 """Test session setup.
 
 - OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads made steps
-  10-30x slower on the 2-core machines, ENVIRONMENT.md).
+  10-30x slower on the 2-core machines; docs/design.md, "Machine facts").
 - Without a GPU, TRITON_INTERPRET=1 before any Triton kernel is imported, so
   the CPU suite runs the Triton kernels for real in the interpreter.
 - ``backends_here()`` lists the kernel backends the op tests must exercise.
+- ``smoke_run``: one finished smoke-preset run, made once per session.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -43,3 +47,14 @@ def backend_params(op: _backend.OpSupport, device: str = DEVICE):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One finished ``python -m utilgen.run --preset smoke`` run directory (~30 s), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    command = [sys.executable, "-m", "utilgen.run", "--preset", "smoke", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -134,6 +134,10 @@ def test_valid_keys_cover_every_field():
         ("mlco.candidates_per_class=1", "a pair needs two"),
         ("evaluation.seeds=", "at least one seed"),
         ("synthetic.multiple=0", "synthetic.multiple must be > 0"),
+        ("valuation.meta_every=-1", "valuation.meta_every must be >= 0"),
+        ("mlco.lr=0", "mlco.lr must be > 0"),
+        ("ilpo.drift=clip", "ilpo.drift must be one of l2, class_consistency"),
+        ("ilpo.grad_steps=11", r"ilpo.grad_steps \(11\) cannot exceed generator.steps \(10\)"),
     ],
 )
 def test_out_of_range_values_are_config_errors(override, message):
@@ -148,3 +152,30 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
     path.write_text("mlco:\n  lr: fast\n")
     with pytest.raises(ConfigError, match="expected a number"):
         build_config("default", load_config_file(path))
+
+
+def test_each_stage_takes_its_config_section_as_is():
+    """One class per stage: the run config's section is the very class the stage function takes."""
+    import typing
+
+    from utilgen import adaptation, config, valuation
+
+    for function, section in (
+        (valuation.fit_valuation, "valuation"),
+        (adaptation.train_dpo_round, "mlco"),
+        (adaptation.optimise_instances, "ilpo"),
+    ):
+        expected = typing.get_type_hints(Config)[section]
+        assert typing.get_type_hints(function)["config"] is expected, function.__name__
+    assert typing.get_type_hints(adaptation.optimise_instances)["sampler"] is config.GeneratorConfig
+    # no same-named twin of a stage config anywhere else in the package
+    for module in (adaptation, valuation, adaptation.ilpo, adaptation.mlco):
+        for name in ("ILPOConfig", "MLCOConfig", "DPOConfig", "ValuationConfig", "BiLevelConfig"):
+            assert getattr(module, name, config.__dict__.get(name)) is config.__dict__.get(name), (module, name)
+
+
+def test_stage_settings_are_set_like_any_other_key():
+    cfg = build_config("default", overrides=["valuation.momentum=0.5", "mlco.reanchor=false", "ilpo.backend=reference"])
+    assert cfg.valuation.momentum == 0.5
+    assert cfg.mlco.reanchor is False
+    assert cfg.ilpo.backend == "reference"

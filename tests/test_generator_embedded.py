@@ -30,8 +30,14 @@ def test_an_image_depends_on_its_seed_not_on_the_batch():
     together = gen.sample(prompts, gen.initial_noise(seeds), guidance_scale=2.0, steps=4, batch_size=7)
     in_threes = gen.sample(prompts, gen.initial_noise(seeds), guidance_scale=2.0, steps=4, batch_size=3)
     alone = gen.sample(prompts[4:5], gen.initial_noise([15]), guidance_scale=2.0, steps=4)
-    torch.testing.assert_close(in_threes, together, atol=1e-4, rtol=0)
-    torch.testing.assert_close(alone[0], together[4], atol=1e-4, rtol=0)
+    # Other batches, other convolution blocking: rounding only, up to 9.3e-5 here on an AMD EPYC (tests/test_ilpo.py,
+    # CROSS_BATCH_IMAGE_ATOL, has the measurements); a batch leak would move pixels by ~1e-2 or more.
+    torch.testing.assert_close(in_threes, together, atol=5e-4, rtol=0)
+    torch.testing.assert_close(alone[0], together[4], atol=5e-4, rtol=0)
+    # The same batches give the same bits.
+    assert torch.equal(
+        gen.sample(prompts, gen.initial_noise(seeds), guidance_scale=2.0, steps=4, batch_size=3), in_threes
+    )
     assert not torch.allclose(together[0], together[1], atol=1e-2)  # different seeds, different images
 
 

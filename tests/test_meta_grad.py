@@ -215,7 +215,7 @@ def test_directional_derivative_rejects_mismatched_direction():
 
 
 def _weight_net():
-    """Meta-Weight-Net: Linear(1, 100) -> ReLU -> Linear(100, 1) -> Sigmoid (METHOD.md default)."""
+    """Meta-Weight-Net: Linear(1, 100) -> ReLU -> Linear(100, 1) -> Sigmoid (docs/method.md, "TODV")."""
     return nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid())
 
 

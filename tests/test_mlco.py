@@ -12,7 +12,6 @@ from _generator_models import tiny_embedded
 
 from utilgen.adaptation import (
     CANDIDATE_STAGE,
-    DPOConfig,
     DPONonFiniteError,
     adapter_parameters,
     adapters_disabled,
@@ -28,6 +27,7 @@ from utilgen.adaptation import (
     train_dpo_round,
 )
 from utilgen.adaptation.mlco import pair_errors
+from utilgen.config import MLCOConfig
 
 
 def _pairs(n: int = 24, classes: int = 3, per_class: int = 3, seed: int = 0):
@@ -164,7 +164,7 @@ def test_round_trains_only_the_adapter_and_raises_implicit_accuracy_on_its_pairs
     generator = tiny_embedded()
     base_before = _base_state(generator.denoiser)
     pairs = _pairs()
-    config = DPOConfig(steps=60, batch_pairs=9, lr=1e-3, lora_rank=4, lora_alpha=4.0)
+    config = MLCOConfig(steps=60, batch_pairs=9, lr=1e-3, lora_rank=4, lora_alpha=4.0)
     before = evaluate_pairs(generator, pairs, beta=config.beta)
     result = train_dpo_round(generator, pairs, config)
     after = evaluate_pairs(generator, pairs, beta=config.beta)
@@ -184,7 +184,7 @@ def test_round_trains_only_the_adapter_and_raises_implicit_accuracy_on_its_pairs
 
 def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter():
     pairs = _pairs()
-    config = DPOConfig(steps=30, batch_pairs=9, lr=1e4, max_grad_norm=math.inf, lora_rank=4, lora_alpha=4.0)
+    config = MLCOConfig(steps=30, batch_pairs=9, lr=1e4, max_grad_norm=math.inf, lora_rank=4, lora_alpha=4.0)
     generator = tiny_embedded()
     with pytest.raises(DPONonFiniteError, match="at step") as caught:
         train_dpo_round(generator, pairs, config)
@@ -202,7 +202,7 @@ def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter():
 
 def test_reanchor_merges_the_adapter_and_starts_a_fresh_one(tmp_path):
     generator = tiny_embedded()
-    config = DPOConfig(steps=15, batch_pairs=9, lr=1e-2, lora_rank=4, lora_alpha=4.0)
+    config = MLCOConfig(steps=15, batch_pairs=9, lr=1e-2, lora_rank=4, lora_alpha=4.0)
     train_dpo_round(generator, _pairs(), config)
     adapted = _denoise(generator)
     with adapters_disabled(generator.denoiser):
@@ -223,7 +223,7 @@ def test_reanchor_merges_the_adapter_and_starts_a_fresh_one(tmp_path):
 
 def test_adapters_round_trip_through_safetensors(tmp_path):
     generator = tiny_embedded()
-    train_dpo_round(generator, _pairs(), DPOConfig(steps=5, batch_pairs=9, lr=1e-2, lora_rank=4, lora_alpha=4.0))
+    train_dpo_round(generator, _pairs(), MLCOConfig(steps=5, batch_pairs=9, lr=1e-2, lora_rank=4, lora_alpha=4.0))
     path = save_adapters(generator.denoiser, tmp_path / "adapters.safetensors")
     fresh = tiny_embedded()
     load_adapters(fresh.denoiser, path)

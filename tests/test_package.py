@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import subprocess
@@ -85,10 +86,12 @@ def test_extension_is_built_and_loaded():
     assert module.openmp
 
 
-# Layers from DESIGN.md section 3: a module may import only its own layer or below.
+# Layers from docs/design.md, "Layers": a module may import only its own layer or below.
 LAYERS = {
     "_native": 0,
+    "_describe": 0,
     "config": 0,
+    "comparison": 0,
     "kernels": 0,
     "io": 0,
     "ops": 1,
@@ -99,6 +102,10 @@ LAYERS = {
     "valuation": 3,
     "adaptation": 4,
     "loop": 5,
+    "stages": 5,
+    "stage_outputs": 5,
+    "metrics": 5,
+    "preflight": 5,
     "evaluate": 5,
     "report": 5,
     "run": 6,
@@ -111,6 +118,12 @@ def _layer_of(relative: Path) -> int | None:
     return LAYERS.get(top)
 
 
+def test_every_module_has_a_layer():
+    tops = {path.relative_to(PACKAGE_DIR).parts[0].removesuffix(".py") for path in PACKAGE_DIR.rglob("*.py")}
+    missing = sorted(top for top in tops - {"__init__", "__main__"} if top not in LAYERS)
+    assert not missing, f"give these modules a layer in LAYERS (docs/design.md): {missing}"
+
+
 def test_imports_point_downward():
     violations = []
     for path in PACKAGE_DIR.rglob("*.py"):
@@ -118,18 +131,12 @@ def test_imports_point_downward():
         layer = _layer_of(relative)
         if layer is None:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            for name in names:
-                if not name.startswith("utilgen."):
-                    continue
-                target = _layer_of(Path(name.split(".")[1]))
-                if target is not None and target > layer:
-                    violations.append(f"{relative} (layer {layer}) imports {name} (layer {target})")
+        for name in _imported_modules(path):
+            if not name.startswith("utilgen."):
+                continue
+            target = _layer_of(Path(name.split(".")[1]))
+            if target is not None and target > layer:
+                violations.append(f"{relative} (layer {layer}) imports {name} (layer {target})")
     assert not violations, "\n".join(violations)
 
 
@@ -192,3 +199,20 @@ def test_required_extension_missing_is_an_error():
     )
     assert result.returncode != 0
     assert "UTILGEN_REQUIRE_EXTENSION=1 but utilgen._C did not import" in result.stderr
+
+
+def test_licence_files_are_declared_and_present():
+    """pyproject's PEP 639 licence files, which wheels and sdists carry: the Apache 2.0 text and the data's notice."""
+    root = PACKAGE_DIR.parent
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("runs from a source checkout only")
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert [name for name in project["license-files"] if not (root / name).is_file()] == []
+    assert "LICENSE" in project["license-files"]
+    # The unmodified text of https://www.apache.org/licenses/LICENSE-2.0.txt (Debian: common-licenses/Apache-2.0).
+    digest = hashlib.sha256((root / "LICENSE").read_bytes()).hexdigest()
+    assert digest == "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
+    notice = PACKAGE_DIR / "data" / "assets" / "LICENSE-fashion-mnist.txt"  # the embedded subset's licence
+    assert notice.relative_to(root).as_posix() in project["license-files"]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from utilgen import report
+from utilgen.comparison import comparisons
 from utilgen.data import SyntheticPool
 
 CLASSES = ("t-shirt/top", "trouser", "bag")
@@ -68,7 +69,7 @@ def _full_metrics() -> dict:
     return {
         "experiment": {"preset": "smoke", "data": "embedded fashion-mnist", "seeds": [0, 1, 2]},
         "accuracy": ACCURACY,
-        "bar": {"synthetic_only_gain_points": 3.8, "required_points": 3.0, "met": True, "joint_above_real_only": True},
+        "comparisons": comparisons(ACCURACY),
         "valuation": {
             "curve": {"loss": [0.0, 0.5, 1.0, 2.0, 3.0], "weight": [0.2, 0.6, 0.9, 0.5, 0.1]},
             "meta_loss": [1.5, 0.9],
@@ -182,32 +183,26 @@ def test_accuracy_table_fills_in_and_marks_missing_values():
     assert lines[3] == "| nothing \\| here | custom | — | — | — |"  # a "|" in a name must not split the cell
 
 
-@pytest.mark.parametrize(
-    ("bar", "expected"),
-    [
-        (
-            {"synthetic_only_gain_points": 3.4, "required_points": 3.0, "met": True, "joint_above_real_only": True},
-            ["**Bar: MET.**", "+3.4 points (required: at least +3.0 points)", "UtilGen joint above real-only: yes."],
-        ),
-        (
-            {"synthetic_only_gain_points": -0.5, "required_points": 3.0, "met": False, "joint_above_real_only": False},
-            ["**Bar: NOT met.**", "-0.5 points (required: at least +3.0 points)", "UtilGen joint above real-only: no."],
-        ),
-        (
-            {
-                "synthetic_only_gain_points": 2.9,
-                "required_points": 3.0,
-            },  # no recorded decision: derived from the numbers
-            ["**Bar: NOT met.**", "+2.9 points"],
-        ),
-    ],
-)
-def test_bar_verdict(tmp_path, bar, expected):
-    text = report.write_report(tmp_path, {"accuracy": ACCURACY, "bar": bar}, {}).read_text()
-    verdict = text.split("### Verdict")[1].split("![")[0]
-    for phrase in expected:
-        assert phrase in verdict
-    assert ("MET." in verdict) != ("NOT met." in verdict)
+def test_comparisons_table_reads_each_interval(tmp_path):
+    text = report.write_report(tmp_path, {"accuracy": ACCURACY}, {}).read_text()
+    section = text.split("### Comparisons")[1].split("![")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if " − " in line}
+    # utilgen 58.5, 59.0, 60.0 vs plain 55, 56, 54: differences +3.5, +3.0, +6.0 points: mean +4.2,
+    # sd 1.61, t(2) = 4.303 -> 95% CI +0.2 to +8.2, above 0
+    synthetic = rows["utilgen synthetic-only − plain synthetic-only"]
+    assert "| +4.2 | +0.2 to +8.2 | higher |" in synthetic
+    # utilgen joint 75, 74, 76 vs plain joint 73, 72, 74: +2 points on every seed, a zero-width interval
+    assert "+2.0 to +2.0" in rows["utilgen joint − plain joint"]
+    assert rows["utilgen joint − plain joint"].rstrip(" |").endswith("higher")
+    assert "Paired by classifier seed" in section
+
+
+def test_comparisons_given_in_metrics_are_used_as_given(tmp_path):
+    given = [{"a": "x", "b": "y", "seeds": 1, "difference_points": -1.5, "ci95_points": None, "reading": "lower"}]
+    text = report.write_report(tmp_path, {"accuracy": ACCURACY, "comparisons": given}, {}).read_text()
+    section = text.split("### Comparisons")[1].split("![")[0]
+    assert "| x − y | 1 | -1.5 | — | lower |" in section
+    assert "utilgen joint" not in section
 
 
 def test_missing_sections_are_skipped_with_a_note(tmp_path):
@@ -217,7 +212,6 @@ def test_missing_sections_are_skipped_with_a_note(tmp_path):
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"accuracy.png"}
     for note in (
         "_Skipped experiment summary: metrics has no `experiment` section._",
-        "_Skipped verdict: metrics has no `bar` section._",
         "_Skipped utility histograms: no synthetic pools were given._",
         "_Skipped weight curve: metrics has no `valuation.curve`._",
         "_Skipped MLCO table and DPO curves: metrics has no `mlco` rounds._",
@@ -304,7 +298,7 @@ def test_a_failing_plot_leaves_the_previous_report_intact(full_run, tmp_path, mo
     # the last plot rendered: every other plot is already in memory when it fails, and none may be written
     monkeypatch.setattr(report, "_plot_samples_side_by_side", broken)
     changed = _full_metrics()
-    changed["bar"]["met"] = False
+    changed["comparisons"] = []
     with pytest.raises(RuntimeError, match="plot failed"):
         report.write_report(run_dir, changed, _full_pools())
     assert _snapshot(run_dir) == before  # same files, same bytes, no temp files

@@ -1,6 +1,6 @@
 """``python -m utilgen.run`` end to end: the smoke preset, the run directory, SIGKILL + resume, bad input.
 
-The end-to-end tests run the real entry point in a subprocess (DESIGN.md section 6) on the
+The end-to-end tests run the real entry point in a subprocess (docs/design.md, "Tests and benchmarks") on the
 ``smoke`` preset: every stage, at toy scale.
 """
 
@@ -37,12 +37,7 @@ def _done_stages(run_dir: Path) -> list[str]:
     return [name for name, entry in manifest["stages"].items() if entry["status"] == "done"]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    result = subprocess.run(_command("--out", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+# smoke_run (tests/conftest.py): one finished smoke run, shared with tests/test_readme.py.
 
 
 def test_smoke_run_writes_the_documented_run_directory(smoke_run):
@@ -60,7 +55,15 @@ def test_smoke_run_writes_the_documented_run_directory(smoke_run):
     for result in metrics["accuracy"].values():
         assert 0.0 <= result["mean"] <= 1.0
         assert len(result["accuracies"]) == 1
-    assert isinstance(metrics["bar"]["met"], bool)
+    compared = {(c["a"], c["b"]): c for c in metrics["comparisons"]}
+    assert set(compared) == {
+        ("utilgen synthetic-only", "plain synthetic-only"),
+        ("utilgen joint", "plain joint"),
+        ("utilgen joint", "real-only"),
+    }
+    for comparison in compared.values():  # one evaluation seed in the smoke preset: no interval
+        assert comparison["seeds"] == 1
+        assert comparison["ci95_points"] is None
     assert metrics["valuation"]["curve"]["loss"]
     assert metrics["mlco"][0]["round"] == 1
     report = (smoke_run / "report.md").read_text()
@@ -215,7 +218,7 @@ def test_generator_directory_with_missing_files(capsys, tmp_path):
 
 
 def test_not_enough_disk_space(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("utilgen.rundir.free_bytes", lambda path: 1024)
+    monkeypatch.setattr("utilgen.preflight.free_bytes", lambda path: 1024)
     status, err = _main(capsys, "--out", str(tmp_path / "run"))
     assert status == 2
     assert "not enough disk space" in err

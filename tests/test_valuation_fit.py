@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from utilgen.config import ValuationConfig
 from utilgen.data import LabelledImages, load_embedded, make_splits
-from utilgen.valuation import BiLevelConfig, NonFiniteLossError, Valuation, fit_valuation
+from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
 
 FLIP_FRACTION = 0.3
 
@@ -34,14 +35,14 @@ def noisy_task(pool_size: int = 500, seed: int = 0):
     return splits, LabelledImages(pool.images, labels, pool.class_names), flipped
 
 
-SMOKE = BiLevelConfig(steps=100, batch_size=64, meta_batch_size=50, inner_lr=0.05, progress=False)
+SMOKE = ValuationConfig(steps=100, batch_size=64, meta_batch_size=50, inner_lr=0.05)
 
 
 @pytest.fixture(scope="module")
 def fitted():
     torch.manual_seed(0)
     splits, noisy, flipped = noisy_task()
-    return splits, noisy, flipped, fit_valuation(splits.train, noisy, splits.meta, SMOKE)
+    return splits, noisy, flipped, fit_valuation(splits.train, noisy, splits.meta, SMOKE, progress=False)
 
 
 def test_flipped_labels_get_lower_utility(fitted):
@@ -83,8 +84,8 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
 
 def test_no_reweighting_baseline_uses_unit_weights():
     splits, noisy, _ = noisy_task(pool_size=100)
-    config = BiLevelConfig(steps=3, batch_size=32, meta_every=0, progress=False)
-    valuation = fit_valuation(splits.train, noisy, splits.meta, config)
+    config = ValuationConfig(steps=3, batch_size=32, meta_every=0)
+    valuation = fit_valuation(splits.train, noisy, splits.meta, config, progress=False)
     assert valuation.history.meta_loss == []
     assert valuation.history.mean_weight_real == pytest.approx([1.0] * 3, nan_ok=True)
     assert valuation.history.mean_weight_synthetic == pytest.approx([1.0] * 3, nan_ok=True)
@@ -92,9 +93,9 @@ def test_no_reweighting_baseline_uses_unit_weights():
 
 def test_non_finite_loss_stops_with_the_partial_result():
     splits, noisy, _ = noisy_task(pool_size=100)
-    config = BiLevelConfig(steps=50, batch_size=32, meta_batch_size=20, inner_lr=1e6, momentum=0.0, progress=False)
+    config = ValuationConfig(steps=50, batch_size=32, meta_batch_size=20, inner_lr=1e6, momentum=0.0)
     with pytest.raises(NonFiniteLossError, match="at step") as info:
-        fit_valuation(splits.train, noisy, splits.meta, config)
+        fit_valuation(splits.train, noisy, splits.meta, config, progress=False)
     error = info.value
     assert 0 < error.step < 50
     assert len(error.history.loss) == error.step
@@ -104,8 +105,8 @@ def test_non_finite_loss_stops_with_the_partial_result():
 
 def test_curve_needs_the_loss_only_weight_net():
     splits, noisy, _ = noisy_task(pool_size=50)
-    config = BiLevelConfig(steps=2, batch_size=16, meta_batch_size=10, features=("loss", "margin"), progress=False)
-    valuation = fit_valuation(splits.train, noisy, splits.meta, config)
+    config = ValuationConfig(steps=2, batch_size=16, meta_batch_size=10, features=("loss", "margin"))
+    valuation = fit_valuation(splits.train, noisy, splits.meta, config, progress=False)
     with pytest.raises(ValueError, match="loss-only"):
         valuation.curve()
     assert valuation.score(noisy.images[:5], noisy.labels[:5]).shape == (5,)

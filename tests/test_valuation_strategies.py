@@ -50,9 +50,13 @@ def test_directional_equals_exact(features, normalize):
     problem = _problem(_cnn(), features=features, normalize=normalize)
     expected = meta_gradient(problem, "exact")
     got = meta_gradient(problem, "directional")
-    assert _flat(expected.phi_grads).abs().max() > 0  # not vacuous
+    scale = float(_flat(expected.phi_grads).abs().max())
+    assert scale > 0  # not vacuous
+    # Two fp32 algorithms (double backward, forward mode): their rounding differs by up to 2e-6 of the largest
+    # gradient (AMD EPYC, 1-2 threads; it moves with threads and CPU), also on near-zero entries such as the
+    # normalised weights' output bias, so the absolute tolerance scales with the largest gradient.
     for name in expected.phi_grads:
-        torch.testing.assert_close(got.phi_grads[name], expected.phi_grads[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got.phi_grads[name], expected.phi_grads[name], rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(got.meta_loss, expected.meta_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.weights, expected.weights)
 

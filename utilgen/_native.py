@@ -2,7 +2,7 @@
 
 The extension does not link libtorch: op modules hand it raw data pointers,
 sizes, a dtype code, the thread count and (for CUDA) the current stream. Only
-the op modules in `utilgen.ops` talk to it (DESIGN.md, style rule 1).
+the op modules in `utilgen.ops` talk to it (docs/design.md, "Layers").
 
 Set UTILGEN_REQUIRE_EXTENSION=1 (CI does) to turn a missing or broken
 extension into an ImportError instead of a fallback to the PyTorch references.
@@ -17,9 +17,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-# Shared with csrc/common.h (enum DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @functools.cache
@@ -79,7 +76,8 @@ def ptr(tensor: torch.Tensor | None) -> int:
 
 
 def dtype_code(tensor: torch.Tensor) -> int:
-    return DTYPE_CODES[tensor.dtype]
+    """The extension's code for the tensor's dtype (``_C.DType``, defined once in csrc/common.h)."""
+    return getattr(extension().DType, str(tensor.dtype).removeprefix("torch.")).value
 
 
 def cpu_threads() -> int:

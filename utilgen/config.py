@@ -1,8 +1,9 @@
 """The run's configuration: frozen dataclasses per stage, named presets, files and ``--set`` overrides.
 
 Layer 0: standard library only (``python -m utilgen.run --help`` and config errors answer
-without importing torch). The loop turns each section into the stage's own config object
-(``BiLevelConfig``, ``DPOConfig``, ``ILPOConfig``), so field names match those classes.
+without importing torch). Each stage section is the stage's own config: ``fit_valuation`` takes
+``ValuationConfig``, ``train_dpo_round`` ``MLCOConfig``, ``optimise_instances`` ``ILPOConfig``, so a
+preset, a file and ``--set`` build exactly what the stage runs with, with no translation step.
 
 Resolution order, later wins: the dataclass defaults, the preset (``PRESETS``), the config
 file (``--config``, YAML or TOML, nested sections), then each ``--set section.key=value``.
@@ -74,7 +75,7 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class TokensConfig:
-    """Textual inversion: per-class tokens from the real shots (METHOD.md, loop step 0)."""
+    """Textual inversion: per-class tokens from the real shots (docs/method.md, "Class tokens")."""
 
     steps: int = 200
     lr: float = 5e-3
@@ -97,69 +98,145 @@ class SyntheticConfig:
         _require(self.multiple > 0, f"synthetic.multiple must be > 0, got {self.multiple}")
 
 
+# The choices of a few stage settings, here so that a bad value fails before torch is even imported.
+NOISE_STRATEGIES = ("redenoise", "gradient", "none")
+DRIFTS = ("l2", "class_consistency")
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
+
+
 @dataclass(frozen=True)
 class ValuationConfig:
-    """TODV (``utilgen.valuation.BiLevelConfig``)."""
+    """TODV: the classifier and the weight net W_phi trained bi-level (``utilgen.valuation.fit_valuation``).
 
-    strategy: str = "directional"
-    classifier: str = "cnn-small"
+    The run seed, the device and progress bars are the caller's, not settings of the stage.
+    """
+
+    strategy: str = "directional"  # a key of utilgen.valuation.META_GRADIENTS
+    classifier: str = "cnn-small"  # a utilgen.models.build_classifier name
     steps: int = 150
     batch_size: int = 64
     meta_batch_size: int = 50
-    inner_lr: float = 0.05
-    meta_lr: float = 1e-3
+    meta_every: int = 1  # k: meta-update every k steps; 0 = no reweighting (all weights 1)
+    inner_lr: float = 0.05  # a: SGD lr of theta and of the virtual step
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    meta_lr: float = 1e-3  # Adam on phi (Meta-Weight-Net)
+    meta_weight_decay: float = 1e-4
     weight_net_hidden: int = 100
     features: tuple[str, ...] = ("loss",)
-    normalize_weights: bool = True
+    fix_real_weights: bool = False  # real samples keep weight 1; only synthetic ones are reweighted
+    normalize_weights: bool = True  # batch mean 1, as Meta-Weight-Net's code (docs/method.md, "TODV")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"):
+            _require(getattr(self, name) >= 1, f"valuation.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.meta_every >= 0, f"valuation.meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
+        _require(self.inner_lr > 0 and self.meta_lr > 0, "valuation.inner_lr and valuation.meta_lr must be > 0")
+        object.__setattr__(self, "features", tuple(self.features))
 
 
 @dataclass(frozen=True)
 class MLCOConfig:
-    """Model-level optimisation: rounds of candidates -> utility pairs -> Diffusion-DPO (``DPOConfig``)."""
+    """Model-level optimisation: rounds of candidates -> utility pairs -> Diffusion-DPO on a LoRA adapter
+    (``utilgen.adaptation.train_dpo_round``)."""
 
     rounds: int = 1  # 0 = no MLCO
     candidates_per_class: int = 8
     pairs_per_class: int = 2
     min_gap: float = 0.05  # pairs closer in utility than this are near-ties and skipped
-    beta: float = 2500.0
+    beta: float = 2500.0  # the convention: utilgen/adaptation/mlco.py's docstring
     # Gentle by default: on the embedded task a 200-step, lr 1e-4 round cost 3.3 points of synthetic-only
     # accuracy (benchmarks/results/README.md, tuning section): the utility rewards easy samples.
-    lr: float = 5e-5
-    steps: int = 50
+    lr: float = 5e-5  # AdamW on the adapter
+    weight_decay: float = 0.0
+    steps: int = 50  # per round
     batch_pairs: int = 16
     lora_rank: int = 8
     lora_alpha: float = 8.0
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    reanchor: bool = True  # merge the adapter into the base weights at the start of every round after the first
+    max_grad_norm: float = 1.0  # clip the adapter's gradient norm; inf = no clipping
+    log_every: int = 25
     refresh_valuation: bool = False  # refit TODV on D_r + the round's candidates after each round
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, f"mlco.rounds must be >= 0, got {self.rounds}")
         _require(self.candidates_per_class >= 2, "mlco.candidates_per_class must be >= 2 (a pair needs two)")
         _require(self.pairs_per_class >= 1, "mlco.pairs_per_class must be >= 1")
+        for name in ("steps", "batch_pairs", "lora_rank", "log_every"):
+            _require(getattr(self, name) >= 1, f"mlco.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("beta", "lr", "lora_alpha", "max_grad_norm"):
+            _require(getattr(self, name) > 0, f"mlco.{name} must be > 0, got {getattr(self, name)}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
 @dataclass(frozen=True)
 class ILPOConfig:
-    """Instance-level optimisation of the final pool (``utilgen.adaptation.ILPOConfig``)."""
+    """Instance-level optimisation of the final pool (``utilgen.adaptation.optimise_instances``).
 
-    prompt_steps: int = 4
+    The sampler (DDIM steps, guidance) is the generator section's: ILPO renders exactly the images the
+    final generation makes. The repair threshold is resolved by the loop from ``repair_quantile``.
+    """
+
+    prompt_steps: int = 4  # Adam steps on the prompt embeddings; 0 = keep the class prompt
     prompt_lr: float = 0.05
-    noise_strategy: str = "redenoise"  # "redenoise", "gradient" or "none"
-    noise_steps: int = 5
-    noise_lr: float = 0.05
-    grad_steps: int = 1
-    drift: str = "l2"  # "l2" or "class_consistency"
+    noise_strategy: str = "redenoise"  # one of NOISE_STRATEGIES
+    noise_steps: int = 5  # "gradient" only
+    noise_lr: float = 0.05  # "gradient" only
+    grad_steps: int = 1  # prompt ascent: denoiser calls kept in the graph (the last ones)
+    # Noise ascent ("gradient"): None = every call. Truncation gives the noise a wrong gradient: the early
+    # calls' epsilon is then a constant and only the clipped x0 path remains. Measured on the committed
+    # embedded generator (20 steps, 4 noises, d sum(images)/d noise): norm 572 with 1 or 2 kept calls vs
+    # 33.6 exact; on the tiny test model exactly 0 (x0 clipping saturates at t = T).
+    noise_grad_steps: int | None = None
+    redenoise_high_guidance: float = 5.5  # Golden Noise's defaults
+    redenoise_low_guidance: float = 1.0
+    drift: str = "l2"  # one of DRIFTS
     drift_weight: float = 1.0
-    batch_size: int = 100
+    clip_weight: float = 0.0  # weight of the CLIP class-text penalty (the paper's drift); needs a ClipAlignment
+    embed_max_distance: float | None = None  # hard L2 bound ||p - p_y|| (latent_update's anchor projection)
     # Repair mode (this project's extension): only instances whose class-prompt utility is below this
     # quantile of D_g0's utilities ascend; the rest keep the class prompt. None: all ascend (the paper).
     # Default 0.25: on validation, ascent of every instance cost 1.7 points (the utility rewards easy,
     # prototypical images and the pool loses variety); repair mode was level with plain (results README).
     repair_quantile: float | None = 0.25
+    patience: int = 2  # evaluations without improvement before an instance stops
+    min_improvement: float = 1e-4  # of the objective J
+    batch_size: int = 100
+    backend: str | None = None  # latent_update backend (None: utilgen.ops' automatic choice)
 
     def __post_init__(self) -> None:
+        _one_of("ilpo", "noise_strategy", self.noise_strategy, NOISE_STRATEGIES)
+        _one_of("ilpo", "drift", self.drift, DRIFTS)
+        for name in ("prompt_steps", "noise_steps", "grad_steps"):
+            _require(getattr(self, name) >= 0, f"ilpo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("patience", "batch_size"):
+            _require(getattr(self, name) >= 1, f"ilpo.{name} must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.noise_grad_steps is None or self.noise_grad_steps >= 1,
+            f"ilpo.noise_grad_steps must be >= 1 or none, got {self.noise_grad_steps}",
+        )
+        _require(
+            self.drift_weight >= 0 and self.clip_weight >= 0 and self.min_improvement >= 0,
+            "ilpo.drift_weight, ilpo.clip_weight and ilpo.min_improvement must be >= 0",
+        )
+        _require(
+            self.embed_max_distance is None or self.embed_max_distance > 0,
+            f"ilpo.embed_max_distance must be positive or none, got {self.embed_max_distance}",
+        )
         _require(
             self.repair_quantile is None or 0 < self.repair_quantile <= 1,
             f"ilpo.repair_quantile must lie in (0, 1] or be none, got {self.repair_quantile}",
+        )
+
+    def check_sampler(self, steps: int) -> None:
+        """The kept denoiser calls fit in a sampler of ``steps`` DDIM steps (generator.steps)."""
+        _require(
+            self.grad_steps <= steps, f"ilpo.grad_steps ({self.grad_steps}) cannot exceed generator.steps ({steps})"
+        )
+        _require(
+            self.noise_grad_steps is None or self.noise_grad_steps <= steps,
+            f"ilpo.noise_grad_steps ({self.noise_grad_steps}) cannot exceed generator.steps ({steps})",
         )
 
 
@@ -201,6 +278,13 @@ class Config:
     mlco: MLCOConfig = field(default_factory=MLCOConfig)
     ilpo: ILPOConfig = field(default_factory=ILPOConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        self.ilpo.check_sampler(self.generator.steps)
+
+    def final_per_class(self) -> int:
+        """Images per class of the plain and the UtilGen pool: ``synthetic.multiple`` x the real shots."""
+        return max(1, round(self.synthetic.multiple * self.data.shots_per_class))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

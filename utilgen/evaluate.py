@@ -1,4 +1,4 @@
-"""Final evaluation (METHOD.md, loop step 5): fresh classifiers on each training set, top-1 on the test split.
+"""Final evaluation (docs/method.md, "Evaluation"): fresh classifiers on each training set, top-1 on the test split.
 
 Every setting (real only; a synthetic pool alone; real joint with a pool) trains the same
 recipe from the same seeds: ``EvaluationConfig`` (architecture, SGD steps, batch, lr, the

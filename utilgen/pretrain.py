@@ -25,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: ENVIRONMENT.md, 10-30x under contention
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch: busy-waiting OpenMP threads cost 10-30x under contention (docs/design.md, "Machine facts")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ metrics (every section optional except "accuracy")::
     experiment  free-form key -> value (preset, data, shots_per_class, classifier, seeds, ...)
     accuracy    setting -> {"train_set": "real"|"synthetic"|"joint", "pool", "accuracies": [per seed],
                 "mean", "std", "train_size"}, in display order
-    bar         {"synthetic_only_gain_points", "required_points", "met", "joint_above_real_only"}
+    comparisons [{"a", "b", "seeds", "difference_points", "per_seed_points", "ci95_points", "reading"}]
+                (``utilgen.comparison``; computed from "accuracy" when absent)
     valuation   {"curve": {"loss": [...], "weight": [...]}, "meta_loss", "mean_weight_real", "mean_weight_synthetic"}
     mlco        [{"round", "pairs", "history": {"loss": [...], "implicit_acc": [...], ...},
                   "implicit_accuracy_before", "implicit_accuracy_after", "mean_candidate_utility"}]
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from utilgen.comparison import comparisons
 from utilgen.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
@@ -95,7 +97,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], pools: Mapping
     pools = dict(pools)
     sections = [
         _title_section(experiment),
-        _accuracy_section(accuracy, metrics.get("bar")),
+        _accuracy_section(accuracy, metrics.get("comparisons")),
         _utility_section(pools),
         _valuation_section(metrics.get("valuation"), _class_count(pools, experiment)),
         _mlco_section(metrics.get("mlco")),
@@ -133,7 +135,9 @@ def _title_section(experiment: Mapping[str, Any]) -> _Section:
     return _Section("\n".join(lines))
 
 
-def _accuracy_section(accuracy: Mapping[str, Mapping[str, Any]], bar: Mapping[str, Any] | None) -> _Section:
+def _accuracy_section(
+    accuracy: Mapping[str, Mapping[str, Any]], compared: Sequence[Mapping[str, Any]] | None
+) -> _Section:
     lines = [
         "## Test accuracy",
         "",
@@ -141,9 +145,9 @@ def _accuracy_section(accuracy: Mapping[str, Mapping[str, Any]], bar: Mapping[st
         "",
         accuracy_table_markdown(accuracy).rstrip("\n"),
         "",
-        "### Verdict",
+        "### Comparisons",
         "",
-        _bar_markdown(bar),
+        _comparisons_markdown(accuracy, compared),
         "",
     ]
     plots = {}
@@ -162,27 +166,35 @@ def _accuracy_section(accuracy: Mapping[str, Mapping[str, Any]], bar: Mapping[st
     return _Section("\n".join(lines), plots)
 
 
-def _bar_markdown(bar: Mapping[str, Any] | None) -> str:
-    """The success bar stated plainly: MET / NOT met, with the numbers behind it."""
-    if not bar:
-        return _skipped("verdict", "metrics has no `bar` section")
-    gain, required = bar.get("synthetic_only_gain_points"), bar.get("required_points")
-    met = bar.get("met")
-    if met is None and _finite(gain) and _finite(required):
-        met = gain >= required  # the bar's definition when the run did not record the decision
-    if met is None:
-        head = "**Bar: undetermined.**"
-    else:
-        head = "**Bar: MET.**" if met else "**Bar: NOT met.**"
-    gain_text = f"{gain:+.1f} points" if _finite(gain) else f"{MISSING} points"
-    required_text = f"at least {required:+.1f} points" if _finite(required) else MISSING
-    lines = [
-        f"{head} UtilGen synthetic-only vs plain synthetic-only: {gain_text} (required: {required_text}).",
-    ]
-    joint = bar.get("joint_above_real_only")
-    if joint is not None:
-        lines.append(f"UtilGen joint above real-only: {'yes' if joint else 'no'}.")
-    return "\n".join(lines)
+def _comparisons_markdown(
+    accuracy: Mapping[str, Mapping[str, Any]], compared: Sequence[Mapping[str, Any]] | None
+) -> str:
+    """Paired differences over seeds with their 95% intervals, read plainly (``utilgen.comparison``)."""
+    if compared is None:
+        try:
+            compared = comparisons(accuracy)
+        except (KeyError, ValueError):  # a setting without per-seed accuracies cannot be paired
+            compared = []
+    if not compared:
+        return _skipped("comparisons", "no pair of compared settings has per-seed accuracies")
+    rows = []
+    for comparison in compared:
+        interval = comparison.get("ci95_points")
+        rows.append(
+            [
+                f"{comparison['a']} − {comparison['b']}",
+                str(comparison["seeds"]),
+                f"{comparison['difference_points']:+.1f}",
+                f"{interval[0]:+.1f} to {interval[1]:+.1f}" if interval else MISSING,
+                comparison["reading"],
+            ]
+        )
+    header = ["comparison", "seeds", "difference (points)", "95% CI (points)", "reading"]
+    note = (
+        "Paired by classifier seed; the interval is Student's t over the per-seed differences. "
+        '"within noise": the interval contains 0.'
+    )
+    return _table(header, rows, "lrrrl") + "\n\n" + note
 
 
 def _utility_section(pools: Mapping[str, SyntheticPool]) -> _Section:

@@ -151,11 +151,12 @@ def configure_logging(args: argparse.Namespace) -> None:
 
 
 def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ENVIRONMENT.md: busy-waiting OpenMP threads cost 10-30x
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads cost 10-30x under contention
     from utilgen.config import ConfigError
 
     try:
         from utilgen import loop
+        from utilgen.preflight import describe_plan, preflight
         from utilgen.rundir import RunDirectory, RunDirectoryError
 
         device, data = preflight(config, directory, resuming)
@@ -167,10 +168,10 @@ def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     if not quiet:
-        print(f"utilgen: {'resuming' if resuming else 'run'} {run_dir.path} on {device}: {loop.describe_plan(config)}")
+        print(f"utilgen: {'resuming' if resuming else 'run'} {run_dir.path} on {device}: {describe_plan(config)}")
         print(config.to_json())
     try:
-        metrics = loop.run(config, run_dir, data, progress=not quiet)
+        metrics = loop.run(config, run_dir, data, device=device, progress=not quiet)
     except loop.StageError as error:
         print(f"utilgen: stopped: {error}", file=sys.stderr)
         print(
@@ -188,68 +189,13 @@ def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
     return 0
 
 
-def preflight(config, directory: Path, resuming: bool):
-    """Every check that needs no output: devices, stage values, generator files, the data, splits, disk space.
-
-    Returns (device, data). Raises ConfigError / ValueError / OSError / ImportError / RuntimeError.
-    """
-    import torch
-
-    from utilgen import loop
-    from utilgen.config import ConfigError
-    from utilgen.data import load_split_indices, make_splits, splits_from_indices
-    from utilgen.rundir import free_bytes
-
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    device = loop.resolve_device(config.run.device)
-    loop.stage_configs(config, device, progress=False)  # every stage's values checked now, not an hour in
-    if config.generator.kind == "stable-diffusion":
-        from utilgen.generator.attention import resolve_attention
-        from utilgen.generator.stable_diffusion import check_directory
-
-        check_directory(config.generator.path)
-        import diffusers  # noqa: F401  (ImportError: the message names the package)
-        import transformers  # noqa: F401
-
-        resolve_attention(config.generator.attention, device)
-        if device.type == "cpu" and config.generator.dtype != "float32":
-            log.warning(
-                "generator.dtype=%s on the CPU is slow or unsupported; --set generator.dtype=float32",
-                config.generator.dtype,
-            )
-    data = loop.load_task_data(config)
-    loop.check_generator_fits_data(config, data)
-    make_splits(
-        data,
-        shots_per_class=config.data.shots_per_class,
-        meta_per_class=config.data.meta_per_class,
-        test_per_class=config.data.test_per_class,
-        seed=config.data.split_seed,
-    )
-    if resuming and (directory / "splits.json").exists():  # the data must still be the data the run split
-        splits_from_indices(data, load_split_indices(directory / "splits.json"))
-    needed = loop.planned_bytes(config, len(data.class_names), data.images.shape[1], data.images.shape[-1])
-    available = free_bytes(directory)
-    if available < needed:
-        raise ConfigError(
-            f"not enough disk space for the run in {directory}: it plans to write about "
-            f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free"
-        )
-    return device, data
-
-
 def print_summary(metrics: dict, path: Path) -> None:
+    from utilgen.comparison import comparison_line
     from utilgen.report import accuracy_table_markdown
 
     print(accuracy_table_markdown(metrics["accuracy"]))
-    bar = metrics["bar"]
-    verdict = "met" if bar["met"] else "NOT met"
-    print(
-        f"UtilGen vs plain (synthetic-only): {bar['synthetic_only_gain_points']:+.1f} points; joint vs real-only: "
-        f"{bar['joint_gain_over_real_only_points']:+.1f} points; bar ({bar['required_points']:g} points and joint "
-        f"above real-only): {verdict}"
-    )
+    for comparison in metrics["comparisons"]:
+        print(comparison_line(comparison))
     print(f"report: {path / 'report.md'}")
 
 

@@ -23,7 +23,7 @@ constexpr int kMaxBlocks = 1024;
 template <typename T>
 __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, const std::int64_t* __restrict__ target,
                                                   const float* __restrict__ weight, const T* __restrict__ tangent,
-                                                  std::int64_t n, std::int64_t k, int reduction, float* __restrict__ loss,
+                                                  std::int64_t n, std::int64_t k, Reduction reduction, float* __restrict__ loss,
                                                   float* __restrict__ per_sample, float* __restrict__ lse_out,
                                                   float* __restrict__ directional, float* __restrict__ partials,
                                                   unsigned int* __restrict__ counter) {
@@ -60,12 +60,12 @@ __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, 
       lse_out[row] = lse;
       if (directional) directional[row] = d;
       const float wl = weight[row] * l;
-      if (reduction == 0) loss[row] = wl;
+      if (reduction == Reduction::kNone) loss[row] = wl;
       weighted_sum += wl;
     }
   }
 
-  if (reduction == 0) return;
+  if (reduction == Reduction::kNone) return;
   if (lane == 0) warp_sums[warp] = weighted_sum;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -80,7 +80,7 @@ __global__ void weighted_cross_entropy_fwd_kernel(const T* __restrict__ logits, 
     __threadfence();
     double total = 0.0;  // fixed order over blocks: deterministic
     for (unsigned int b = 0; b < gridDim.x; ++b) total += static_cast<double>(*((volatile float*)partials + b));
-    *loss = static_cast<float>(reduction == 1 ? total / static_cast<double>(n) : total);
+    *loss = static_cast<float>(reduction == Reduction::kMean ? total / static_cast<double>(n) : total);
     *counter = 0u;
   }
 }
@@ -120,12 +120,14 @@ int blocks_for(std::int64_t n) {
 int weighted_cross_entropy_cuda_blocks(std::int64_t n) { return blocks_for(n); }
 
 void weighted_cross_entropy_fwd_cuda(std::uintptr_t logits, std::uintptr_t target, std::uintptr_t weight,
-                                     std::uintptr_t tangent, std::int64_t n, std::int64_t k, int reduction,
+                                     std::uintptr_t tangent, std::int64_t n, std::int64_t k, int reduction_code,
                                      int dtype, std::uintptr_t loss, std::uintptr_t per_sample, std::uintptr_t lse,
                                      std::uintptr_t directional, std::uintptr_t partials, std::uintptr_t counter,
                                      std::uintptr_t stream) {
   UTILGEN_CHECK(n > 0 && k > 0, "weighted_cross_entropy_fwd_cuda: logits must be non-empty, got N=" << n << ", K=" << k);
-  UTILGEN_CHECK(reduction >= 0 && reduction <= 2, "weighted_cross_entropy_fwd_cuda: bad reduction code " << reduction);
+  UTILGEN_CHECK(is_reduction(reduction_code),
+                "weighted_cross_entropy_fwd_cuda: reduction code " << reduction_code << " is not a utilgen._C.Reduction value");
+  const Reduction reduction = static_cast<Reduction>(reduction_code);
   UTILGEN_CHECK_PTR(logits, "logits");
   UTILGEN_CHECK_PTR(target, "target");
   UTILGEN_CHECK_PTR(weight, "weight");

@@ -1,9 +1,11 @@
-"""Generator adaptation (METHOD.md, stages 2 and 3; layer 4: imports generator, valuation, models, data, ops, io).
+"""Generator adaptation (docs/method.md, "MLCO" and "ILPO").
+
+Layer 4: imports config, generator, valuation, models, data, ops, io.
 
 MLCO (model level):
 - ``generate_candidates`` -> a valued ``SyntheticPool`` (stage "mlco-candidates");
   ``build_pairs`` / ``pairs_from_pool`` -> ``Pairs`` (highest vs lowest utility within a class).
-- ``train_dpo_round(generator, pairs, DPOConfig(...))``: Diffusion-DPO on the denoiser's LoRA adapter,
+- ``train_dpo_round(generator, pairs, MLCOConfig(...))``: Diffusion-DPO on the denoiser's LoRA adapter,
   the reference being the same UNet with the adapter off; ``dpo_loss``, ``implicit_accuracy``,
   ``evaluate_pairs``; ``DPONonFiniteError``.
 - ``lora``: ``attach_adapters``, ``adapters_disabled``, ``reanchor``, ``save_adapters`` / ``load_adapters``.
@@ -19,10 +21,7 @@ each class by utility ("top", or a "band" that drops only the lowest-utility fra
 
 from utilgen.adaptation.clip_alignment import ClipAlignment
 from utilgen.adaptation.ilpo import (
-    DRIFTS,
-    NOISE_STRATEGIES,
     AscentHistory,
-    ILPOConfig,
     ILPOHistory,
     optimise_instances,
     optimise_prompts,
@@ -39,7 +38,6 @@ from utilgen.adaptation.lora import (
     save_adapters,
 )
 from utilgen.adaptation.mlco import (
-    DPOConfig,
     DPOHistory,
     DPONonFiniteError,
     DPORoundResult,
@@ -51,6 +49,7 @@ from utilgen.adaptation.mlco import (
 )
 from utilgen.adaptation.pairs import CANDIDATE_STAGE, Pairs, build_pairs, generate_candidates, pairs_from_pool
 from utilgen.adaptation.selection import SELECTION_MODES, select_indices_per_class, select_per_class
+from utilgen.config import DRIFTS, NOISE_STRATEGIES
 
 __all__ = [
     "ADAPTER_NAME",
@@ -60,11 +59,9 @@ __all__ = [
     "SELECTION_MODES",
     "AscentHistory",
     "ClipAlignment",
-    "DPOConfig",
     "DPOHistory",
     "DPONonFiniteError",
     "DPORoundResult",
-    "ILPOConfig",
     "ILPOHistory",
     "PairEvaluation",
     "Pairs",

@@ -1,4 +1,4 @@
-"""CLIP class-text alignment: the paper's drift term for ILPO's prompt ascent (METHOD.md, stage 3).
+"""CLIP class-text alignment: the paper's drift term for ILPO's prompt ascent (docs/method.md, "ILPO").
 
 penalty_i = 1 - cos(CLIP_image(x_i), CLIP_text(template.format(class_name(y_i)))), in [0, 2],
 differentiable in the images. Optional: it needs a CLIP model (vision + text towers) in a local

@@ -1,4 +1,4 @@
-"""ILPO: instance-level generation policy optimisation (METHOD.md, stage 3).
+"""ILPO: instance-level generation policy optimisation (docs/method.md, "ILPO").
 
 Per generated instance i (class y_i, seed s_i, initial noise eps_i):
 
@@ -45,69 +45,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from utilgen.adaptation.clip_alignment import ClipAlignment
+from utilgen.config import GeneratorConfig, ILPOConfig
 from utilgen.data import SyntheticPool
 from utilgen.generator import Generator, redenoise_noise, sample_differentiable
-from utilgen.ops import LatentUpdateState, latent_update
+from utilgen.ops import LatentUpdateSettings, LatentUpdateState, latent_update
 from utilgen.valuation import Valuation
 
 log = logging.getLogger(__name__)
 
-NOISE_STRATEGIES = ("redenoise", "gradient", "none")
-DRIFTS = ("l2", "class_consistency")
 STAGE = "ilpo"
-
-
-@dataclass(frozen=True)
-class ILPOConfig:
-    prompt_steps: int = 8  # Adam steps on the prompt embeddings (METHOD.md: 5-10); 0 = keep the class prompt
-    prompt_lr: float = 0.05
-    noise_strategy: str = "redenoise"  # one of NOISE_STRATEGIES
-    noise_steps: int = 5  # "gradient" only
-    noise_lr: float = 0.05  # "gradient" only
-    steps: int = 20  # DDIM steps of the differentiable sampler and of the final generation: the same images
-    grad_steps: int = 1  # prompt ascent: denoiser calls kept in the graph (the last ones)
-    # Noise ascent ("gradient"): None = every call. Truncation gives the noise a wrong gradient: the early
-    # calls' epsilon is then a constant and only the clipped x0 path remains. Measured on the committed
-    # embedded generator (20 steps, 4 noises, d sum(images)/d noise): norm 572 with 1 or 2 kept calls vs
-    # 33.6 exact; on the tiny test model exactly 0 (x0 clipping saturates at t = T).
-    noise_grad_steps: int | None = None
-    guidance_scale: float = 2.0
-    redenoise_high_guidance: float = 5.5  # Golden Noise's defaults
-    redenoise_low_guidance: float = 1.0
-    drift: str = "l2"  # one of DRIFTS
-    drift_weight: float = 1.0
-    clip_weight: float = 0.0  # weight of the CLIP class-text penalty (the paper's drift); needs a ClipAlignment
-    embed_max_distance: float | None = None  # hard L2 bound ||p - p_y|| (latent_update's anchor projection)
-    # Repair mode (this project's extension): only instances whose starting utility is below this value
-    # ascend; the others keep their class prompt. None = every instance ascends (the paper's form).
-    ascend_below: float | None = None
-    patience: int = 2  # evaluations without improvement before an instance stops
-    min_improvement: float = 1e-4  # of the objective J
-    batch_size: int = 32
-    backend: str | None = None  # latent_update backend (None: utilgen.ops' automatic choice)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.noise_strategy not in NOISE_STRATEGIES:
-            raise ValueError(f"noise_strategy must be one of {NOISE_STRATEGIES}, got {self.noise_strategy!r}")
-        if self.drift not in DRIFTS:
-            raise ValueError(f"drift must be one of {DRIFTS}, got {self.drift!r}")
-        for name in ("prompt_steps", "noise_steps", "grad_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("steps", "patience", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.grad_steps > self.steps:
-            raise ValueError(f"grad_steps ({self.grad_steps}) cannot exceed steps ({self.steps})")
-        if self.noise_grad_steps is not None and not 1 <= self.noise_grad_steps <= self.steps:
-            raise ValueError(
-                f"noise_grad_steps must lie in [1, steps={self.steps}] or be None, got {self.noise_grad_steps}"
-            )
-        if self.drift_weight < 0 or self.min_improvement < 0 or self.clip_weight < 0:
-            raise ValueError("drift_weight, clip_weight and min_improvement must be >= 0")
-        if self.embed_max_distance is not None and not self.embed_max_distance > 0:
-            raise ValueError(f"embed_max_distance must be positive or None, got {self.embed_max_distance}")
 
 
 @dataclass
@@ -152,15 +98,17 @@ def _to_valuation_shape(images: Tensor, valuation: Valuation) -> Tensor:
     return images
 
 
-def _render(generator: Generator, prompts: Tensor, noise: Tensor, config: ILPOConfig, part: str) -> Tensor:
+def _render(
+    generator: Generator, prompts: Tensor, noise: Tensor, config: ILPOConfig, sampler: GeneratorConfig, part: str
+) -> Tensor:
     """images (N, C, H, W) with a graph to ``part`` ("prompt" or "noise")."""
-    grad_steps = config.grad_steps if part == "prompt" else (config.noise_grad_steps or config.steps)
+    grad_steps = config.grad_steps if part == "prompt" else (config.noise_grad_steps or sampler.steps)
     return sample_differentiable(
         generator,
         prompts,
         noise,
-        steps=config.steps,
-        guidance_scale=config.guidance_scale,
+        steps=sampler.steps,
+        guidance_scale=sampler.guidance_scale,
         grad_steps=grad_steps,
         checkpoint=True,
     )
@@ -190,9 +138,12 @@ def _ascend(
     steps: int,
     lr: float,
     config: ILPOConfig,
+    sampler: GeneratorConfig,
     anchor: Tensor | None = None,
+    ascend_below: float | None = None,
     clip: ClipAlignment | None = None,
     desc: str = "",
+    progress: bool = True,
 ) -> tuple[Tensor, AscentHistory]:
     """Maximise J over ``part`` ("prompt": (N, L, D), drift included; "noise": (N, C, H, W), shell-projected).
 
@@ -216,9 +167,19 @@ def _ascend(
     active = torch.ones(n, dtype=torch.bool, device=device)
     stopped_at = torch.full((n,), steps, dtype=torch.long)
     state = LatentUpdateState.zeros_like(params if part == "noise" else None, params if part == "prompt" else None)
+    if part == "prompt":
+        bounded = config.embed_max_distance is not None
+        settings = LatentUpdateSettings(
+            embed_lr=lr,
+            maximize=True,
+            embed_anchor=anchor.float().contiguous() if bounded else None,
+            embed_max_distance=config.embed_max_distance,
+        )
+    else:
+        settings = LatentUpdateSettings(noise_lr=lr, maximize=True, project_noise=True)
     objectives, changes = [], []
     utility_before = None
-    bar = tqdm(total=steps, desc=desc or f"ILPO {part}", disable=not config.progress, leave=False)
+    bar = tqdm(total=steps, desc=desc or f"ILPO {part}", disable=not progress, leave=False)
     for evaluation in range(steps + 1):
         index = active.nonzero().squeeze(1)  # (A,) instances still optimised: only they run the sampler
         wants_grad = evaluation < steps
@@ -227,7 +188,7 @@ def _ascend(
             typed = x.to(generator.dtype)
             prompt_in = typed if part == "prompt" else fixed[index]
             noise_in = typed if part == "noise" else fixed[index]
-            images = _render(generator, prompt_in, noise_in, config, part)  # (A, C, H, W)
+            images = _render(generator, prompt_in, noise_in, config, sampler, part)  # (A, C, H, W)
             utility = valuation.utility(_to_valuation_shape(images.float(), valuation), labels[index])
             utility = utility.to(device)  # (A,)
             objective = utility
@@ -249,9 +210,9 @@ def _ascend(
         utility_at_best[won] = utility.detach()[improved]
         stall[index] = torch.where(improved, 0, stall[index] + 1)
         stopping = index[stall[index] >= config.patience]
-        if evaluation == 0 and part == "prompt" and config.ascend_below is not None:
+        if evaluation == 0 and part == "prompt" and ascend_below is not None:
             # Repair mode: an instance already at or above the threshold keeps its start (recorded as its best above).
-            stopping = torch.cat([stopping, index[utility.detach() >= config.ascend_below]]).unique()
+            stopping = torch.cat([stopping, index[utility.detach() >= ascend_below]]).unique()
         active[stopping] = False
         stopped_at[stopping.cpu()] = evaluation
         if not wants_grad or not bool(active.any()):
@@ -260,14 +221,10 @@ def _ascend(
         full_grad = torch.zeros_like(params)
         full_grad[index] = grad.float()
         before = params.clone()
-        update = {"state": state, "optimizer": "adam", "maximize": True, "active": active, "backend": config.backend}
         if part == "prompt":
-            bound = {}
-            if config.embed_max_distance is not None:
-                bound = {"embed_anchor": anchor.float().contiguous(), "embed_max_distance": config.embed_max_distance}
-            latent_update(None, None, params, full_grad, embed_lr=lr, **bound, **update)
+            latent_update(None, None, params, full_grad, state, settings, active=active, backend=config.backend)
         else:
-            latent_update(params, full_grad, None, None, noise_lr=lr, project_noise=True, **update)
+            latent_update(params, full_grad, None, None, state, settings, active=active, backend=config.backend)
         changes.append((params - before).flatten(1).norm(dim=1))
         bar.update(1)
     bar.close()
@@ -294,12 +251,20 @@ def optimise_prompts(
     noise: Tensor,
     config: ILPOConfig = ILPOConfig(),
     clip: ClipAlignment | None = None,
+    *,
+    sampler: GeneratorConfig = GeneratorConfig(),
+    ascend_below: float | None = None,
+    progress: bool = True,
 ) -> tuple[Tensor, AscentHistory]:
     """Optimised prompt embeddings (N, L, D) (generator dtype) for labels (N,) and initial noise (N, C, H, W).
 
     Starts from the installed class prompts ``generator.class_prompt_embeds(labels)``.
     ``clip`` (with ``config.clip_weight > 0``) adds the CLIP class-text penalty to the drift.
+    ``sampler``: the DDIM steps and guidance of the images (the generator section's).
+    ``ascend_below`` (repair mode): only instances whose starting utility is below it ascend;
+    None = every instance ascends (the paper's form).
     """
+    config.check_sampler(sampler.steps)
     if config.clip_weight > 0 and clip is None:
         raise ValueError("config.clip_weight > 0 needs a ClipAlignment (clip=ClipAlignment.from_directory(...))")
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -315,9 +280,12 @@ def optimise_prompts(
         steps=config.prompt_steps,
         lr=config.prompt_lr,
         config=config,
+        sampler=sampler,
         anchor=anchor,
+        ascend_below=ascend_below,
         clip=clip,
         desc="ILPO prompts",
+        progress=progress,
     )
     return best.to(generator.dtype), history
 
@@ -329,6 +297,9 @@ def refine_noise(
     noise: Tensor,
     prompts: Tensor,
     config: ILPOConfig = ILPOConfig(),
+    *,
+    sampler: GeneratorConfig = GeneratorConfig(),
+    progress: bool = True,
 ) -> tuple[Tensor, AscentHistory | None]:
     """Refined initial noise (N, C, H, W) for ``prompts`` (N, L, D), by ``config.noise_strategy``.
 
@@ -343,7 +314,7 @@ def refine_noise(
             generator,
             noise,
             prompts,
-            steps=config.steps,
+            steps=sampler.steps,
             high_guidance=config.redenoise_high_guidance,
             low_guidance=config.redenoise_low_guidance,
         )
@@ -361,7 +332,9 @@ def refine_noise(
         steps=config.noise_steps,
         lr=config.noise_lr,
         config=config,
+        sampler=sampler,
         desc="ILPO noise",
+        progress=progress,
     )
     return best.to(generator.dtype), history
 
@@ -373,10 +346,16 @@ def optimise_instances(
     seeds: Tensor,
     config: ILPOConfig = ILPOConfig(),
     *,
+    sampler: GeneratorConfig = GeneratorConfig(),
+    ascend_below: float | None = None,
     round: int = 0,
     clip: ClipAlignment | None = None,
+    progress: bool = True,
 ) -> tuple[SyntheticPool, ILPOHistory]:
     """ILPO for N instances (labels (N,), seeds (N,)), in batches: prompts, then noise, then generation.
+
+    ``sampler`` (the generator section: DDIM steps, guidance) renders the images; ``ascend_below``:
+    see ``optimise_prompts``.
 
     Returns the pool (stage "ilpo"; the optimised prompt and refined noise of
     every image; utilities = ``valuation.score`` of the final images) and the
@@ -389,11 +368,24 @@ def optimise_instances(
     history = ILPOHistory()
     images, prompts, noises = [], [], []
     starts = range(0, labels.shape[0], config.batch_size)
-    for start in tqdm(starts, desc="ILPO", unit="batch", disable=not config.progress):
+    config.check_sampler(sampler.steps)
+    for start in tqdm(starts, desc="ILPO", unit="batch", disable=not progress):
         batch_labels = labels[start : start + config.batch_size]
         noise = generator.initial_noise(seeds[start : start + config.batch_size].tolist())
-        batch_prompts, prompt_history = optimise_prompts(generator, valuation, batch_labels, noise, config, clip)
-        batch_noise, noise_history = refine_noise(generator, valuation, batch_labels, noise, batch_prompts, config)
+        batch_prompts, prompt_history = optimise_prompts(
+            generator,
+            valuation,
+            batch_labels,
+            noise,
+            config,
+            clip,
+            sampler=sampler,
+            ascend_below=ascend_below,
+            progress=progress,
+        )
+        batch_noise, noise_history = refine_noise(
+            generator, valuation, batch_labels, noise, batch_prompts, config, sampler=sampler, progress=progress
+        )
         history.prompt.append(prompt_history)
         if noise_history is not None:
             history.noise.append(noise_history)
@@ -401,8 +393,8 @@ def optimise_instances(
             generator.sample(
                 batch_prompts,
                 batch_noise,
-                guidance_scale=config.guidance_scale,
-                steps=config.steps,
+                guidance_scale=sampler.guidance_scale,
+                steps=sampler.steps,
                 batch_size=config.batch_size,
             )
         )

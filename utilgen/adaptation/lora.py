@@ -25,10 +25,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from utilgen.config import LORA_TARGET_MODULES
 from utilgen.io import atomic_write_bytes
 
 ADAPTER_NAME = "mlco"
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 _FORMAT = "utilgen.mlco_adapters/1"
 
 
@@ -52,7 +52,7 @@ def attach_adapters(
     *,
     rank: int = 8,
     alpha: float = 8.0,
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    target_modules: Sequence[str] = LORA_TARGET_MODULES,
     seed: int = 0,
 ) -> dict[str, nn.Parameter]:
     """Add the LoRA adapter (B = 0: the model's output is unchanged) and make only it trainable.

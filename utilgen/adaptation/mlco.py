@@ -1,4 +1,4 @@
-"""MLCO: Diffusion-DPO on the denoiser's LoRA adapter from within-class winner/loser pairs (METHOD.md, stage 2).
+"""MLCO: Diffusion-DPO on the denoiser's LoRA adapter from within-class winner/loser pairs (docs/method.md, "MLCO").
 
 One training step on B pairs (x_w, x_l) of class c, each pair with its own
 timestep t and noise eps, shared by winner and loser:
@@ -9,14 +9,14 @@ timestep t and noise eps, shared by winner and loser:
     L     = mean over pairs of -log sigmoid(-beta * (d_w - d_l))
 
 Beta convention: the paper's beta * T * w(lambda_t) is one constant here
-(``DPOConfig.beta``), as in its released code. That code and diffusers'
+(``MLCOConfig.beta``), as in its released code. That code and diffusers'
 ``train_diffusion_dpo.py`` write the exponent as -0.5 * beta_dpo * (...), so our
 beta = beta_dpo / 2: the default 2500 is their 5000 (the paper's SD 1.5 value).
 The scale also depends on the reduction: errors are means over pixels, so a
 larger latent does not change the useful beta.
 
 Health, per step (``DPOHistory``): the loss, the implicit preference accuracy
-(fraction of pairs with d_w < d_l, ties counting one half as in diffusers, so an
+(fraction of pairs with d_w < d_l, ties counting one half (diffusers counts them 0), so an
 untrained adapter reads 0.5), the mean d_w and d_l (the model's MSE minus the
 reference's on winners and on losers) and the gradient norm before clipping.
 
@@ -40,7 +40,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from utilgen.adaptation.lora import (
-    DEFAULT_TARGET_MODULES,
     adapter_parameters,
     adapters_disabled,
     attach_adapters,
@@ -48,36 +47,10 @@ from utilgen.adaptation.lora import (
     reanchor,
 )
 from utilgen.adaptation.pairs import Pairs
+from utilgen.config import MLCOConfig
 from utilgen.generator import Generator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 2500.0  # see the module docstring for the convention
-    lr: float = 1e-4  # AdamW on the adapter
-    weight_decay: float = 0.0
-    steps: int = 200  # per round
-    batch_pairs: int = 16
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    rounds: int = 2  # read by the caller's loop: candidates -> pairs -> train_dpo_round(round_index=r)
-    reanchor: bool = True  # merge the adapter at the start of every round after the first
-    seed: int = 0
-    max_grad_norm: float = 1.0  # clip the adapter's gradient norm; inf = no clipping
-    progress: bool = False
-    log_every: int = 25
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_pairs", "lora_rank", "rounds", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("beta", "lr", "lora_alpha", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
 @dataclass
@@ -210,7 +183,7 @@ def _restore(params: dict[str, torch.nn.Parameter], saved: dict[str, Tensor]) ->
             parameter.copy_(saved[name])
 
 
-def prepare_round(generator: Generator, config: DPOConfig, round_index: int) -> bool:
+def prepare_round(generator: Generator, config: MLCOConfig, round_index: int, *, seed: int = 0) -> bool:
     """Attach the adapter on the first use; re-anchor it at later rounds when ``config.reanchor``. True if merged."""
     denoiser = generator.denoiser
     if not has_adapters(denoiser):
@@ -219,39 +192,47 @@ def prepare_round(generator: Generator, config: DPOConfig, round_index: int) -> 
             rank=config.lora_rank,
             alpha=config.lora_alpha,
             target_modules=config.target_modules,
-            seed=config.seed,
+            seed=seed,
         )
         return False
     if config.reanchor and round_index > 0:
-        reanchor(denoiser, seed=config.seed + round_index)
+        reanchor(denoiser, seed=seed + round_index)
         return True
     return False
 
 
-def train_dpo_round(generator: Generator, pairs: Pairs, config: DPOConfig, *, round_index: int = 0) -> DPORoundResult:
+def train_dpo_round(
+    generator: Generator,
+    pairs: Pairs,
+    config: MLCOConfig = MLCOConfig(),
+    *,
+    round_index: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> DPORoundResult:
     """``config.steps`` Diffusion-DPO steps of the denoiser's LoRA adapter on ``pairs``; the base weights stay fixed.
 
     Attaches the adapter when the denoiser has none; re-anchors it first when
     ``round_index > 0`` and ``config.reanchor``. Pairs are drawn without
     replacement within an epoch; every draw (pairs, timesteps, noise) comes
-    from ``config.seed`` and ``round_index``. Raises ``DPONonFiniteError``
+    from ``seed`` and ``round_index``. Raises ``DPONonFiniteError``
     (module docstring) on a NaN/inf loss or gradient.
     """
     if len(pairs) == 0:
         raise ValueError("no pairs to train on: every class was a near-tie (lower min_gap) or had < 2 candidates")
-    reanchored = prepare_round(generator, config, round_index)
+    reanchored = prepare_round(generator, config, round_index, seed=seed)
     params = adapter_parameters(generator.denoiser)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     data = _PairTensors.of(generator, pairs)
     num_timesteps = generator.scheduler.alphas_cumprod.shape[0]
-    rng = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index)
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + round_index)
     batch = min(config.batch_pairs, len(pairs))
     order, position = torch.randperm(len(pairs), generator=rng), 0
     history = DPOHistory()
     result = DPORoundResult(round_index, len(pairs), 0, reanchored, history)
     last_good = _snapshot(params)
 
-    for step in tqdm(range(config.steps), desc=f"MLCO DPO round {round_index}", disable=not config.progress):
+    for step in tqdm(range(config.steps), desc=f"MLCO DPO round {round_index}", disable=not progress):
         if position + batch > len(pairs):
             order, position = torch.randperm(len(pairs), generator=rng), 0
         x0_w, x0_l, prompts, t, eps = data.draw(order[position : position + batch], rng, num_timesteps)

@@ -1,6 +1,6 @@
 """MLCO candidates and preference pairs: K samples per class, valued, then winner/loser pairs within a class.
 
-Pairing rule (METHOD.md, stage 2 [default]): sort one class's candidates by
+Pairing rule (docs/method.md, "MLCO"): sort one class's candidates by
 utility; the i-th highest is paired with the i-th lowest, i = 0, 1, ..., up to
 ``pairs_per_class`` pairs, each image used once. The gap of these pairs only
 shrinks with i, so the first pair closer than ``min_gap`` ends the class: a

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from utilgen._describe import describe
+
 # Pillow's resize widens the filter support by the reduction factor, so every
 # filter antialiases on downscaling (28 -> 16 does not alias). BICUBIC keeps
 # edges sharper than BILINEAR (which blurs a 1.75x reduction noticeably) and
@@ -70,6 +72,19 @@ def tensor_to_uint8(images: Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def subset_index(indices: Sequence[int] | Tensor | np.ndarray, count: int) -> Tensor:
+    """(M,) int64 CPU tensor of ``indices`` into ``count`` images, checked; negative ones count from the end.
+
+    The one index check of every ``subset`` (``LabelledImages``, ``SyntheticPool``).
+    """
+    index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    if index.dim() != 1:
+        raise ValueError(f"indices must be one-dimensional, got shape {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < -count or int(index.max()) >= count):
+        raise IndexError(f"indices out of range for {count} images")
+    return index
+
+
 @dataclass(frozen=True, eq=False)
 class LabelledImages:
     """A labelled image set.
@@ -88,9 +103,9 @@ class LabelledImages:
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
         if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype != torch.float32:
-            raise ValueError(f"images must be a float32 tensor (N, C, H, W), got {_describe(images)}")
+            raise ValueError(f"images must be a float32 tensor (N, C, H, W), got {describe(images)}")
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be an int64 tensor (N,), got {_describe(labels)}")
+            raise ValueError(f"labels must be an int64 tensor (N,), got {describe(labels)}")
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -139,11 +154,7 @@ class LabelledImages:
 
     def subset(self, indices: Sequence[int] | Tensor | np.ndarray) -> LabelledImages:
         """The images at ``indices`` (in that order), same class list."""
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        if index.dim() != 1:
-            raise ValueError(f"indices must be one-dimensional, got shape {tuple(index.shape)}")
-        if index.numel() and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
-            raise IndexError(f"indices out of range for {len(self)} images")
+        index = subset_index(indices, len(self))
         sources = None if self.sources is None else tuple(self.sources[i] for i in index.tolist())
         return LabelledImages(self.images[index], self.labels[index], self.class_names, sources)
 
@@ -159,9 +170,3 @@ class LabelledImages:
         return LabelledImages(
             torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), self.class_names, sources
         )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

@@ -38,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from utilgen.data.images import LabelledImages, tensor_to_uint8, uint8_to_tensor
+from utilgen._describe import describe
+from utilgen.data.images import LabelledImages, subset_index, tensor_to_uint8, uint8_to_tensor
 from utilgen.io import atomic_write_bytes, atomic_write_jsonl
 
 METADATA_FILE = "metadata.jsonl"
@@ -115,7 +116,7 @@ class SyntheticPool:
         """Raise ValueError on inconsistent shapes, dtypes, labels, image range or stage names."""
         images = self.images
         if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype != torch.float32:
-            raise ValueError(f"images must be float32 (N, C, H, W), got {_describe(images)}")
+            raise ValueError(f"images must be float32 (N, C, H, W), got {describe(images)}")
         n = images.shape[0]
         if images.shape[1] not in _MODES:
             raise ValueError(f"images must have 1 or 3 channels (saved as 8-bit L or RGB PNG), got {images.shape[1]}")
@@ -127,11 +128,11 @@ class SyntheticPool:
         ):
             value = getattr(self, name)
             if not isinstance(value, Tensor) or value.shape != (n,) or value.dtype != dtype:
-                raise ValueError(f"{name} must be {dtype} of shape ({n},), got {_describe(value)}")
+                raise ValueError(f"{name} must be {dtype} of shape ({n},), got {describe(value)}")
         for name in ("prompt_embeds", "noises"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] != n):
-                raise ValueError(f"{name} must be None or a tensor with {n} rows, got {_describe(value)}")
+                raise ValueError(f"{name} must be None or a tensor with {n} rows, got {describe(value)}")
         if len(self.stages) != n:
             raise ValueError(f"{len(self.stages)} stages for {n} images")
         bad_stages = sorted({s for s in self.stages if not isinstance(s, str) or not _STAGE_PATTERN.match(s)})
@@ -167,11 +168,7 @@ class SyntheticPool:
 
     def subset(self, indices: Sequence[int] | Tensor | np.ndarray) -> SyntheticPool:
         """The images at ``indices``, in that order, with all their fields."""
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        if index.dim() != 1:
-            raise ValueError(f"indices must be one-dimensional, got shape {tuple(index.shape)}")
-        if index.numel() and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
-            raise IndexError(f"indices out of range for a pool of {len(self)}")
+        index = subset_index(indices, len(self))
 
         def pick(value: Tensor | None) -> Tensor | None:
             return None if value is None else value[index.to(value.device)]
@@ -444,9 +441,3 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

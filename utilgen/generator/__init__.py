@@ -1,6 +1,7 @@
 """Generators: the embedded pixel-space diffusion model and the Stable Diffusion backend, one protocol.
 
 - ``base.Generator``: the protocol (prompts, noise, guided epsilon, no-grad sampling).
+- ``build_generator``: the generator a run config's generator section names.
 - ``embedded``: the small class-conditional model shipped with utilgen (``load_pretrained``).
 - ``stable_diffusion``: UNet/VAE/CLIP from a local diffusers directory.
 - ``sampler``: the differentiable sampler and single DDIM / inversion steps (ILPO).
@@ -12,6 +13,7 @@ backends import them when a model is built.
 """
 
 from utilgen.generator.base import Generator
+from utilgen.generator.build import build_generator
 from utilgen.generator.embedded import EmbeddedConfig, EmbeddedGenerator, WeightsError, load_pretrained, load_weights
 from utilgen.generator.sampler import (
     ddim_inversion_step,
@@ -28,6 +30,7 @@ __all__ = [
     "EmbeddedGenerator",
     "Generator",
     "WeightsError",
+    "build_generator",
     "ddim_inversion_step",
     "ddim_step",
     "learn_class_tokens",

@@ -16,8 +16,9 @@ UtilGen stages need goes through this one interface:
   Images at the boundary are float32 (N, C, H, W) in [0, 1] (the data module's
   convention); latents are whatever the model denoises ([-1, 1] pixels for
   the embedded model, scaled VAE latents for SD).
-- ``sample(...)``: the batched no-grad DDIM sampler. The differentiable sampler
-  lives in ``sampler.py`` and shares the DDIM update with it.
+- ``ddim_latents(...)``: the one DDIM loop. ``sample(...)`` runs it batched
+  under no_grad; the differentiable sampler (``sampler.py``) runs it keeping a
+  graph through its last denoiser calls.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -159,6 +161,26 @@ class Generator(ABC):
         output = output_null + guidance_scale * (output_cond - output_null)
         return self._eps_from_output(output, latents, timestep)
 
+    def predict_noise_checkpointed(
+        self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """``predict_noise`` whose activations are recomputed in the backward instead of stored (when grad is on)."""
+        if torch.is_grad_enabled():
+            return _checkpoint(self.predict_noise, latents, t, prompt_embeds, guidance_scale, use_reentrant=False)
+        return self.predict_noise(latents, t, prompt_embeds, guidance_scale)
+
+    def predict_x0(self, latents: torch.Tensor, eps: torch.Tensor, t: int, clip_sample: bool) -> torch.Tensor:
+        """The clean image the DDIM step assumes: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), (N, C, H, W).
+
+        ``clip_sample`` clamps it to the scheduler's ``clip_sample_range``, as the sampler does.
+        """
+        a_t = self.alpha_bar(t)
+        x0 = (latents - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        if clip_sample:
+            limit = float(self.scheduler.config.clip_sample_range)
+            x0 = x0.clamp(-limit, limit)
+        return x0
+
     def ddim_update(
         self, latents: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, clip_sample: bool
     ) -> torch.Tensor:
@@ -166,31 +188,56 @@ class Generator(ABC):
 
         x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t);  x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps.
         """
-        a_t, a_next = self.alpha_bar(t), self.alpha_bar(t_next)
-        x0 = (latents - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        if clip_sample:
-            limit = float(self.scheduler.config.clip_sample_range)
-            x0 = x0.clamp(-limit, limit)
+        a_next = self.alpha_bar(t_next)
+        x0 = self.predict_x0(latents, eps, t, clip_sample)
         return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
     @property
     def clips_samples(self) -> bool:
         return bool(getattr(self.scheduler.config, "clip_sample", False))
 
-    # ---- no-grad sampling ---------------------------------------------------------
+    # ---- sampling -----------------------------------------------------------------
+    def ddim_latents(
+        self,
+        prompt_embeds: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        guidance_scale: float,
+        grad_steps: int = 0,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """The one DDIM loop (both samplers run it): noise (N, C, H, W) under prompts (N, L, D) -> latents.
+
+        Deterministic DDIM (eta = 0), x0 clipped as the scheduler's config says. Only the last
+        ``grad_steps`` denoiser calls keep a graph, each under ``torch.utils.checkpoint`` when
+        ``checkpoint``; the earlier calls run under no_grad on detached inputs, so their epsilon is a
+        constant and gradient reaches the noise only through the DDIM update's direct path.
+        ``grad_steps = 0`` (the no-grad sampler) differentiates no denoiser call.
+        """
+        if not 0 <= grad_steps <= steps:
+            raise ValueError(f"grad_steps must lie in [0, steps={steps}], got {grad_steps}")
+        predict = self.predict_noise_checkpointed if checkpoint else self.predict_noise
+        timesteps = self.timesteps(steps)
+        latents = noise
+        for i, t in enumerate(timesteps):
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            if i >= steps - grad_steps:
+                eps = predict(latents, t, prompt_embeds, guidance_scale)
+            else:
+                with torch.no_grad():
+                    eps = self.predict_noise(latents.detach(), t, prompt_embeds.detach(), guidance_scale)
+            latents = self.ddim_update(latents, eps, t, t_next, clip_sample=self.clips_samples)
+        return latents
+
     @torch.no_grad()
     def sample_latents(
         self, prompt_embeds: torch.Tensor, noise: torch.Tensor, *, guidance_scale: float, steps: int
     ) -> torch.Tensor:
         """One batch: DDIM from noise (N, C, H, W) under prompts (N, L, D) -> latents (N, C, H, W)."""
-        timesteps = self.timesteps(steps)
-        latents = noise.to(device=self.device, dtype=self.dtype)
+        noise = noise.to(device=self.device, dtype=self.dtype)
         prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
-        for i, t in enumerate(timesteps):
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            eps = self.predict_noise(latents, t, prompt_embeds, guidance_scale)
-            latents = self.ddim_update(latents, eps, t, t_next, clip_sample=self.clips_samples)
-        return latents
+        return self.ddim_latents(prompt_embeds, noise, steps=steps, guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def sample(

@@ -1,9 +1,7 @@
 """The differentiable sampler (ILPO) and single DDIM / DDIM-inversion steps (noise refinement).
 
-Separate from ``Generator.sample`` (no grad, batched) on purpose: this path keeps
-a graph, and memory is what limits it.
-
-``sample_differentiable`` runs the same DDIM loop (same images as ``sample``) but:
+``sample_differentiable`` runs the DDIM loop of ``Generator.sample`` (``Generator.ddim_latents``:
+the same images) keeping a graph, and memory is what limits it:
 - the first ``steps - grad_steps`` denoiser calls run under ``no_grad``: their
   epsilon is a constant, so the prompt gets gradient only from the last
   ``grad_steps`` calls, and the noise gets gradient through the DDIM update's
@@ -18,15 +16,8 @@ differences). With ``grad_steps = 0`` no denoiser call is differentiated.
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from utilgen.generator.base import Generator
-
-
-def _guided_eps(generator: Generator, latents, t: int, prompt_embeds, guidance_scale: float, use_checkpoint: bool):
-    if use_checkpoint and torch.is_grad_enabled():
-        return _checkpoint(generator.predict_noise, latents, t, prompt_embeds, guidance_scale, use_reentrant=False)
-    return generator.predict_noise(latents, t, prompt_embeds, guidance_scale)
 
 
 def sample_differentiable_latents(
@@ -40,20 +31,9 @@ def sample_differentiable_latents(
     checkpoint: bool = True,
 ) -> torch.Tensor:
     """latents (N, C, H, W) from prompts (N, L, D) and noise (N, C, H, W); see the module docstring."""
-    if not 0 <= grad_steps <= steps:
-        raise ValueError(f"grad_steps must lie in [0, steps={steps}], got {grad_steps}")
-    timesteps = generator.timesteps(steps)
-    latents = noise
-    for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        keep_graph = i >= steps - grad_steps
-        if keep_graph:
-            eps = _guided_eps(generator, latents, t, prompt_embeds, guidance_scale, checkpoint)
-        else:
-            with torch.no_grad():
-                eps = generator.predict_noise(latents.detach(), t, prompt_embeds.detach(), guidance_scale)
-        latents = generator.ddim_update(latents, eps, t, t_next, clip_sample=generator.clips_samples)
-    return latents
+    return generator.ddim_latents(
+        prompt_embeds, noise, steps=steps, guidance_scale=guidance_scale, grad_steps=grad_steps, checkpoint=checkpoint
+    )
 
 
 def sample_differentiable(
@@ -96,13 +76,9 @@ def predict_x0_one_step(
     """
     if t is None:
         t = int(generator.scheduler.config.num_train_timesteps) - 1
-    eps = _guided_eps(generator, noise, t, prompt_embeds, guidance_scale, checkpoint)
-    a_t = generator.alpha_bar(t)
-    x0 = (noise - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    if generator.clips_samples:
-        limit = float(generator.scheduler.config.clip_sample_range)
-        x0 = x0.clamp(-limit, limit)
-    return generator.decode(x0)
+    predict = generator.predict_noise_checkpointed if checkpoint else generator.predict_noise
+    eps = predict(noise, t, prompt_embeds, guidance_scale)
+    return generator.decode(generator.predict_x0(noise, eps, t, clip_sample=generator.clips_samples))
 
 
 def ddim_step(

@@ -1,6 +1,6 @@
 """The weight network W_phi of TODV: a sample's per-sample features -> a weight in [0, 1].
 
-Default (Meta-Weight-Net; METHOD.md, stage 1): the detached per-sample loss
+Default (Meta-Weight-Net; docs/method.md, "TODV"): the detached per-sample loss
 through Linear(1, 100) -> ReLU -> Linear(100, 1) -> Sigmoid. Beyond the paper,
 and off by default, the input can add the predictive entropy and the logit
 margin, which separate "hard but correct" from "confidently mislabelled"

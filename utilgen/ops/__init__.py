@@ -1,4 +1,4 @@
-"""Accelerated ops of utilgen, each with a PyTorch reference (DESIGN.md, section 4).
+"""Accelerated ops of utilgen, each with a PyTorch reference (docs/design.md, "Anatomy of an op").
 
 - ``weighted_cross_entropy``: fused per-sample-weighted cross-entropy (TODV's
   weighted loss), optional per-sample directional derivatives.
@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from utilgen.ops._backend import BACKENDS, BackendUnavailable, use_backend
 from utilgen.ops._info import info, info_text
-from utilgen.ops.latent_update import LatentUpdateState, latent_update, latent_update_reference
+from utilgen.ops.latent_update import (
+    LatentUpdateSettings,
+    LatentUpdateState,
+    latent_update,
+    latent_update_reference,
+)
 from utilgen.ops.logit_hvp import logit_hvp, logit_hvp_reference
 from utilgen.ops.meta_grad import HVP_METHODS, PerSampleDirectional, hvp, per_sample_directional_derivative
 from utilgen.ops.weighted_cross_entropy import (
@@ -27,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "HVP_METHODS",
     "BackendUnavailable",
+    "LatentUpdateSettings",
     "LatentUpdateState",
     "PerSampleDirectional",
     "WeightedCrossEntropyOutput",

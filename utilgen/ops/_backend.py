@@ -1,4 +1,4 @@
-"""Which kernel runs an op: the one place that decides (DESIGN.md, section 4).
+"""Which kernel runs an op: the one place that decides (docs/design.md, "Backend choice").
 
 Backends: ``reference`` (fp32 PyTorch, everywhere), ``cpp`` (utilgen._C,
 C++/OpenMP, CPU tensors), ``cuda`` (utilgen._C, CUDA tensors) and ``triton``

@@ -1,6 +1,6 @@
 """``latent_update``: one fused optimiser step over N initial noises and N prompt embeddings (ILPO).
 
-ILPO (METHOD.md, Stage 3) optimises, per generated instance, a prompt embedding
+ILPO (docs/method.md, "ILPO") optimises, per generated instance, a prompt embedding
 (and optionally the initial noise) with a few Adam steps. All N instances of a
 batch step together: one call updates every noise, every embedding and their
 optimiser state in place, then optionally
@@ -39,14 +39,44 @@ SUPPORT = _backend.OpSupport(
 )
 
 OPTIMIZERS = ("adam", "sgd")
-# Kernel codes shared with csrc/latent_update.h (enum class OptimizerKind) and kernels/latent_update.py.
-_ADAM, _SGD_MOMENTUM, _SGD_PLAIN = 0, 1, 2
-# Projection codes shared with csrc/latent_update.h (enum class Projection) and kernels/latent_update.py.
-_NO_PROJECTION, _SHELL, _BALL = 0, 1, 2
-# Below this norm a projection leaves the instance alone instead of dividing by ~0.
+# Below this norm a projection leaves the instance alone instead of dividing by ~0. The kernels'
+# copies (csrc/latent_update.h kTinyNorm, exported as _C.latent_update_tiny_norm; kernels/latent_update.py)
+# are checked against this one by tests/test_latent_update.py.
 _TINY_NORM = 1e-12
 
 ScalarOrPerInstance = float | Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class LatentUpdateSettings:
+    """How a ``latent_update`` step moves the parameters: everything but the tensors it updates.
+
+    Shared by ``latent_update`` and ``latent_update_reference``; equations in the latter.
+
+    Attributes:
+        optimizer: "adam" or "sgd".
+        noise_lr, embed_lr: float, or (N,) tensor of per-instance learning rates; each is
+            required when its part is given.
+        betas, eps: Adam's (torch.optim.Adam's defaults).
+        weight_decay: L2, added to the gradient as torch.optim does.
+        momentum: SGD's momentum (dampening 0, no Nesterov); 0 is plain SGD with no buffer.
+        maximize: ascend the objective instead of descending it.
+        project_noise: renormalise each noise to norm sqrt(C*H*W) after the step.
+        embed_anchor, embed_max_distance: (N, L, D) / (1, L, D) / (L, D) anchors and a float or
+            (N,) radius; each embedding is projected back into its ball. Both or neither.
+    """
+
+    optimizer: str = "adam"
+    noise_lr: ScalarOrPerInstance | None = None
+    embed_lr: ScalarOrPerInstance | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    maximize: bool = False
+    project_noise: bool = False
+    embed_anchor: Tensor | None = None
+    embed_max_distance: ScalarOrPerInstance | None = None
 
 
 @dataclass
@@ -185,26 +215,23 @@ def _per_instance(value: ScalarOrPerInstance, name: str, n: int, device: torch.d
 
 
 def _prepare(
-    noise,
-    noise_grad,
-    embed,
-    embed_grad,
-    state,
-    *,
-    optimizer,
-    noise_lr,
-    embed_lr,
-    betas,
-    eps,
-    weight_decay,
-    momentum,
-    maximize,
-    active,
-    project_noise,
-    embed_anchor,
-    embed_max_distance,
+    noise: Tensor | None,
+    noise_grad: Tensor | None,
+    embed: Tensor | None,
+    embed_grad: Tensor | None,
+    state: LatentUpdateState,
+    settings: LatentUpdateSettings,
+    active: Tensor | None,
 ) -> dict:
-    """Validates everything and returns the custom op's keyword arguments (minus ``backend``)."""
+    """Validates everything and returns the custom op's keyword arguments (minus ``backend``).
+
+    The one place the settings are flattened into the op's tensor and scalar arguments.
+    """
+    if not isinstance(settings, LatentUpdateSettings):
+        raise TypeError(f"settings must be a LatentUpdateSettings, got {type(settings).__name__}")
+    optimizer, betas, eps, momentum = settings.optimizer, settings.betas, settings.eps, settings.momentum
+    weight_decay, project_noise = settings.weight_decay, settings.project_noise
+    noise_lr, embed_lr = settings.noise_lr, settings.embed_lr
     _check_optimizer(optimizer)
     if noise is None and embed is None:
         raise ValueError("latent_update needs noise or embed (both are None)")
@@ -229,43 +256,34 @@ def _prepare(
 
     if noise is not None and embed is not None and isinstance(embed, Tensor) and embed.shape[0] != n:
         raise ValueError(f"noise has N={n} instances but embed has N={embed.shape[0]}; they must match")
-    if noise is not None:
-        _check_part(
-            "noise",
-            noise,
-            noise_grad,
-            state.noise_exp_avg,
-            state.noise_exp_avg_sq,
-            ndim=4,
-            dims="(N, C, H, W)",
-            optimizer=optimizer,
-            momentum=momentum,
-            device=device,
-        )
-        if noise_lr is None:
-            raise ValueError("noise_lr is required when noise is given")
-    elif project_noise:
+    if noise is None and project_noise:
         raise ValueError("project_noise=True but noise is None")
-    if embed is not None:
+    for label, param, grad, lr, ndim, dims in (
+        ("noise", noise, noise_grad, noise_lr, 4, "(N, C, H, W)"),
+        ("embed", embed, embed_grad, embed_lr, 3, "(N, L, D)"),
+    ):
+        if param is None:
+            continue
+        exp_avg, exp_avg_sq = getattr(state, f"{label}_exp_avg"), getattr(state, f"{label}_exp_avg_sq")
         _check_part(
-            "embed",
-            embed,
-            embed_grad,
-            state.embed_exp_avg,
-            state.embed_exp_avg_sq,
-            ndim=3,
-            dims="(N, L, D)",
+            label,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            ndim=ndim,
+            dims=dims,
             optimizer=optimizer,
             momentum=momentum,
             device=device,
         )
-        if embed_lr is None:
-            raise ValueError("embed_lr is required when embed is given")
+        if lr is None:
+            raise ValueError(f"{label}_lr is required when {label} is given")
     _check_tensor(state.step, "state.step", shape=(n,), device=device, dtypes=(torch.float32,))
     if active is not None:
         _check_tensor(active, "active", shape=(n,), device=device, dtypes=(torch.bool,))
 
-    anchor, radius = _prepare_anchor(embed, embed_anchor, embed_max_distance, n, device)
+    anchor, radius = _prepare_anchor(embed, settings.embed_anchor, settings.embed_max_distance, n, device)
     use_buffer = optimizer == "adam" or momentum != 0.0
     return {
         "noise": noise,
@@ -288,7 +306,7 @@ def _prepare(
         "eps": float(eps),
         "weight_decay": float(weight_decay),
         "momentum": float(momentum),
-        "maximize": bool(maximize),
+        "maximize": bool(settings.maximize),
         "project_noise": bool(project_noise),
     }
 
@@ -328,25 +346,14 @@ def latent_update_reference(
     embed: Tensor | None,
     embed_grad: Tensor | None,
     state: LatentUpdateState,
+    settings: LatentUpdateSettings,
     *,
-    optimizer: str = "adam",
-    noise_lr: ScalarOrPerInstance | None = None,
-    embed_lr: ScalarOrPerInstance | None = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    maximize: bool = False,
     active: Tensor | None = None,
-    project_noise: bool = False,
-    embed_anchor: Tensor | None = None,
-    embed_max_distance: ScalarOrPerInstance | None = None,
 ) -> None:
     """One optimiser step on every active instance, in fp32 PyTorch; updates everything in place.
 
-    Shapes: noise, noise_grad (N, C, H, W); embed, embed_grad (N, L, D); lr and
-    max_distance floats or (N,); active (N,) bool; embed_anchor (N, L, D), (1, L, D)
-    or (L, D). Either part may be None.
+    Shapes: noise, noise_grad (N, C, H, W); embed, embed_grad (N, L, D); active (N,) bool.
+    Either part may be None. ``settings``: see ``LatentUpdateSettings``.
 
     For each active instance i and each part x (noise or embed) with gradient g,
     step t_i <- t_i + 1, and (``maximize`` flips g; ``weight_decay`` is L2, as torch):
@@ -365,27 +372,7 @@ def latent_update_reference(
     Inactive instances keep their parameters, state and step untouched.
     """
     with torch.no_grad():
-        _reference_impl(
-            **_prepare(
-                noise,
-                noise_grad,
-                embed,
-                embed_grad,
-                state,
-                optimizer=optimizer,
-                noise_lr=noise_lr,
-                embed_lr=embed_lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                maximize=maximize,
-                active=active,
-                project_noise=project_noise,
-                embed_anchor=embed_anchor,
-                embed_max_distance=embed_max_distance,
-            )
-        )
+        _reference_impl(_prepare(noise, noise_grad, embed, embed_grad, state, settings, active))
 
 
 def _per_instance_view(values: Tensor, like: Tensor) -> Tensor:
@@ -440,52 +427,27 @@ def _write_back(dst: Tensor | None, new: Tensor | None, active: Tensor | None) -
     dst.copy_(new)
 
 
-def _reference_impl(
-    noise,
-    noise_grad,
-    noise_exp_avg,
-    noise_exp_avg_sq,
-    noise_lr,
-    embed,
-    embed_grad,
-    embed_exp_avg,
-    embed_exp_avg_sq,
-    embed_lr,
-    embed_anchor,
-    embed_max_distance,
-    step,
-    active,
-    optimizer,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    momentum,
-    maximize,
-    project_noise,
-) -> None:
+def _reference_impl(args: dict) -> None:
+    """The step on the custom op's (validated) arguments, by name, in fp32 PyTorch."""
     hyper = {
-        "optimizer": optimizer,
-        "beta1": beta1,
-        "beta2": beta2,
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "momentum": momentum,
-        "maximize": maximize,
+        name: args[name] for name in ("optimizer", "beta1", "beta2", "eps", "weight_decay", "momentum", "maximize")
     }
+    step, active = args["step"], args["active"]
     new_step = step + 1.0  # (N,)
-    if noise is not None:
-        x, m, v = _reference_step(noise, noise_grad, noise_exp_avg, noise_exp_avg_sq, noise_lr, new_step, **hyper)
-        if project_noise:
+    for part in ("noise", "embed"):
+        param = args[part]
+        if param is None:
+            continue
+        exp_avg, exp_avg_sq = args[f"{part}_exp_avg"], args[f"{part}_exp_avg_sq"]
+        x, m, v = _reference_step(
+            param, args[f"{part}_grad"], exp_avg, exp_avg_sq, args[f"{part}_lr"], new_step, **hyper
+        )
+        if part == "noise" and args["project_noise"]:
             shell = torch.full_like(new_step, math.sqrt(x[0].numel()))
             x = _project(x, None, shell, only_shrink=False)
-        for dst, new in ((noise, x), (noise_exp_avg, m), (noise_exp_avg_sq, v)):
-            _write_back(dst, new, active)
-    if embed is not None:
-        x, m, v = _reference_step(embed, embed_grad, embed_exp_avg, embed_exp_avg_sq, embed_lr, new_step, **hyper)
-        if embed_anchor is not None:
-            x = _project(x, embed_anchor, embed_max_distance, only_shrink=True)
-        for dst, new in ((embed, x), (embed_exp_avg, m), (embed_exp_avg_sq, v)):
+        if part == "embed" and args["embed_anchor"] is not None:
+            x = _project(x, args["embed_anchor"], args["embed_max_distance"], only_shrink=True)
+        for dst, new in ((param, x), (exp_avg, m), (exp_avg_sq, v)):
             _write_back(dst, new, active)
     _write_back(step, new_step, active)
 
@@ -495,20 +457,25 @@ def _reference_impl(
 # ---------------------------------------------------------------------------------------------
 
 
-def _optimizer_code(optimizer: str, exp_avg: Tensor | None) -> int:
-    if optimizer == "adam":
-        return _ADAM
-    return _SGD_MOMENTUM if exp_avg is not None else _SGD_PLAIN
+def _optimizer_kind(args: dict) -> str:
+    """The kernels' name for the step: "adam", "sgd_momentum" (SGD with a buffer) or "sgd".
+
+    Names of ``enum class OptimizerKind`` (csrc/latent_update.h), which the extension exports as
+    ``_C.OptimizerKind`` and the Triton kernel branches on (tests/test_latent_update.py checks both).
+    """
+    if args["optimizer"] == "adam":
+        return "adam"
+    exp_avg = args["noise_exp_avg"] if args["noise"] is not None else args["embed_exp_avg"]
+    return "sgd_momentum" if exp_avg is not None else "sgd"
 
 
 def _native_args(args: dict) -> dict:
     """The custom op's arguments as the extension's keyword arguments (pointers, sizes, codes)."""
     noise, embed, anchor = args["noise"], args["embed"], args["embed_anchor"]
     first = noise if noise is not None else embed
-    exp_avg = args["noise_exp_avg"] if noise is not None else args["embed_exp_avg"]
     out = {
         "n": first.shape[0],
-        "optimizer": _optimizer_code(args["optimizer"], exp_avg),
+        "optimizer": getattr(_native.extension().OptimizerKind, _optimizer_kind(args)).value,
         "beta1": args["beta1"],
         "beta2": args["beta2"],
         "eps": args["eps"],
@@ -558,16 +525,11 @@ def _run_cuda(args: dict) -> None:
 def _run_triton(args: dict) -> None:
     from utilgen.kernels import latent_update as triton_kernels  # lazy: never at `import utilgen.ops`
 
-    triton_kernels.latent_update_triton(
-        **args,
-        optimizer_code=_optimizer_code(
-            args["optimizer"], args["noise_exp_avg"] if args["noise"] is not None else args["embed_exp_avg"]
-        ),
-    )
+    triton_kernels.latent_update_triton(args, _optimizer_kind(args))
 
 
 _RUNNERS = {
-    "reference": lambda args: _reference_impl(**args),
+    "reference": _reference_impl,
     "cpp": _run_cpp,
     "cuda": _run_cuda,
     "triton": _run_triton,
@@ -606,10 +568,10 @@ def _latent_update_default(
     project_noise: bool,
     backend: str,
 ) -> None:
-    """Devices other than CPU and CUDA run the reference."""
+    """The op's flat arguments (``_prepare`` builds them); devices other than CPU and CUDA run the reference."""
     args = dict(locals())
     args.pop("backend")
-    _reference_impl(**args)
+    _reference_impl(args)
 
 
 _SIGNATURE = inspect.signature(_latent_update_default)
@@ -665,19 +627,9 @@ def latent_update(
     embed: Tensor | None,
     embed_grad: Tensor | None,
     state: LatentUpdateState,
+    settings: LatentUpdateSettings,
     *,
-    optimizer: str = "adam",
-    noise_lr: ScalarOrPerInstance | None = None,
-    embed_lr: ScalarOrPerInstance | None = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    maximize: bool = False,
     active: Tensor | None = None,
-    project_noise: bool = False,
-    embed_anchor: Tensor | None = None,
-    embed_max_distance: ScalarOrPerInstance | None = None,
     backend: str | None = None,
 ) -> None:
     """One fused optimiser step over N instances' noises and prompt embeddings, in place.
@@ -690,37 +642,15 @@ def latent_update(
         noise, noise_grad: (N, C, H, W) initial noises and their gradients, or None.
         embed, embed_grad: (N, L, D) prompt embeddings and their gradients, or None.
         state: ``LatentUpdateState.zeros_like(noise, embed, optimizer, momentum)``.
-        optimizer: "adam" or "sgd".
-        noise_lr, embed_lr: float, or (N,) tensor of per-instance learning rates.
+        settings: optimiser, learning rates and projections (``LatentUpdateSettings``).
         active: (N,) bool; inactive instances are left entirely untouched.
-        project_noise: renormalise each noise to norm sqrt(C*H*W) after the step.
-        embed_anchor, embed_max_distance: (N, L, D) / (1, L, D) / (L, D) anchors and a
-            float or (N,) radius; each embedding is projected back into its ball.
         backend: None (``UTILGEN_BACKEND`` / ``use_backend`` / auto) or a backend name.
 
     Params and grads: float32 (all backends) or float16/bfloat16 (cuda, triton,
     reference); state is always float32 and the math runs in float32.
     Not differentiable: this is an optimiser step and runs under ``torch.no_grad()``.
     """
-    args = _prepare(
-        noise,
-        noise_grad,
-        embed,
-        embed_grad,
-        state,
-        optimizer=optimizer,
-        noise_lr=noise_lr,
-        embed_lr=embed_lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        maximize=maximize,
-        active=active,
-        project_noise=project_noise,
-        embed_anchor=embed_anchor,
-        embed_max_distance=embed_max_distance,
-    )
+    args = _prepare(noise, noise_grad, embed, embed_grad, state, settings, active)
     chosen = _resolve_backend(args, backend)
     with torch.no_grad():
         _latent_update_op(**args, backend=chosen)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from utilgen import _native
+from utilgen._describe import describe
 from utilgen.ops import _backend
 
 SUPPORT = _backend.OpSupport("logit_hvp")
@@ -92,19 +93,19 @@ def logit_hvp(
 
 def _check_inputs(logits, v, weight) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logit_hvp: logits must be a (N, K) tensor, got {_describe(logits)}")
+        raise ValueError(f"logit_hvp: logits must be a (N, K) tensor, got {describe(logits)}")
     n, k = logits.shape
     if n == 0 or k == 0:
         raise ValueError(f"logit_hvp: logits must be non-empty, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"logit_hvp: logits must be floating point, got {logits.dtype}; use logits.float()")
     if not isinstance(v, torch.Tensor) or v.shape != logits.shape:
-        raise ValueError(f"logit_hvp: v must have the logits' shape {tuple(logits.shape)}, got {_describe(v)}")
+        raise ValueError(f"logit_hvp: v must have the logits' shape {tuple(logits.shape)}, got {describe(v)}")
     if v.dtype != logits.dtype:
         raise TypeError(f"logit_hvp: v is {v.dtype} but logits are {logits.dtype}; use v.to(logits.dtype)")
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.shape != (n,):
-            raise ValueError(f"logit_hvp: weight must have shape ({n},) or be None, got {_describe(weight)}")
+            raise ValueError(f"logit_hvp: weight must have shape ({n},) or be None, got {describe(weight)}")
         if not weight.is_floating_point():
             raise TypeError(f"logit_hvp: weight must be floating point, got {weight.dtype}; use weight.float()")
     for name, tensor in (("v", v), ("weight", weight)):
@@ -118,12 +119,6 @@ def _check_inputs(logits, v, weight) -> None:
                 f"logit_hvp: {name} is not contiguous (strides {tensor.stride()}); the kernels read rows in place, "
                 f"pass {name}.contiguous()"
             )
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 # --------------------------------------------------------------------------- custom op

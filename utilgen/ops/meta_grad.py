@@ -1,4 +1,4 @@
-"""Meta-gradient products for TODV without a stored second-order graph (METHOD.md, stage 1).
+"""Meta-gradient products for TODV without a stored second-order graph (docs/method.md, "TODV").
 
 Two strategies, each tested against exact double backward:
 

@@ -1,4 +1,4 @@
-"""Fused per-sample-weighted cross-entropy: TODV's weighted loss (METHOD.md, stage 1).
+"""Fused per-sample-weighted cross-entropy: TODV's weighted loss (docs/method.md, "TODV").
 
     l_i  = logsumexp(z_i) - z_{i, y_i}                      per-sample loss, (N,)
     loss = sum_i w_i l_i / N      (mean)                    weights are NOT renormalised:
@@ -33,12 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from utilgen import _native
+from utilgen._describe import describe
 from utilgen.ops import _backend
 
 SUPPORT = _backend.OpSupport("weighted_cross_entropy")
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-_REDUCTION_NAMES = {code: name for name, code in _REDUCTIONS.items()}
+# The op and its custom op take these names; the C++/CUDA kernels get the codes the extension
+# exports for them (utilgen._C.Reduction, defined once in csrc/weighted_cross_entropy.h).
+REDUCTIONS = ("none", "mean", "sum")
 
 
 class WeightedCrossEntropyOutput(NamedTuple):
@@ -127,7 +129,7 @@ def weighted_cross_entropy(
     else:
         needs_grad = torch.is_grad_enabled() and (logits.requires_grad or weight.requires_grad)
         loss, per_sample, _lse, directional, _grad_cache = torch.ops.utilgen.weighted_cross_entropy(
-            logits, target, weight, tangent, _REDUCTIONS[reduction], needs_grad, chosen
+            logits, target, weight, tangent, reduction, needs_grad, chosen
         )
         out = WeightedCrossEntropyOutput(loss, per_sample, directional if tangent is not None else None)
     if return_per_sample or tangent is not None:
@@ -138,17 +140,17 @@ def weighted_cross_entropy(
 def _check_inputs(logits, target, weight, reduction, tangent) -> torch.Tensor:
     """Validate shapes, dtypes and devices; return the (N,) weight (ones if None)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"weighted_cross_entropy: logits must be a (N, K) tensor, got {_describe(logits)}")
+        raise ValueError(f"weighted_cross_entropy: logits must be a (N, K) tensor, got {describe(logits)}")
     n, k = logits.shape
     if n == 0 or k == 0:
         raise ValueError(f"weighted_cross_entropy: logits must be non-empty, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"weighted_cross_entropy: logits must be floating point, got {logits.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"weighted_cross_entropy: reduction must be one of {sorted(_REDUCTIONS)}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"weighted_cross_entropy: reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(target, torch.Tensor) or target.shape != (n,):
         raise ValueError(
-            f"weighted_cross_entropy: target must have shape ({n},) to match logits, got {_describe(target)}"
+            f"weighted_cross_entropy: target must have shape ({n},) to match logits, got {describe(target)}"
         )
     if target.dtype != torch.int64:
         raise TypeError(
@@ -157,13 +159,13 @@ def _check_inputs(logits, target, weight, reduction, tangent) -> torch.Tensor:
     if weight is None:
         weight = torch.ones(n, device=logits.device, dtype=torch.float32)
     elif not isinstance(weight, torch.Tensor) or weight.shape != (n,):
-        raise ValueError(f"weighted_cross_entropy: weight must have shape ({n},), got {_describe(weight)}")
+        raise ValueError(f"weighted_cross_entropy: weight must have shape ({n},), got {describe(weight)}")
     elif not weight.is_floating_point():
         raise TypeError(f"weighted_cross_entropy: weight must be floating point, got {weight.dtype}")
     if tangent is not None and (not isinstance(tangent, torch.Tensor) or tangent.shape != logits.shape):
         raise ValueError(
             f"weighted_cross_entropy: tangent must have the logits' shape {tuple(logits.shape)}, "
-            f"got {_describe(tangent)}"
+            f"got {describe(tangent)}"
         )
     for name, tensor in (("target", target), ("weight", weight), ("tangent", tangent)):
         if tensor is not None and tensor.device != logits.device:
@@ -172,12 +174,6 @@ def _check_inputs(logits, target, weight, reduction, tangent) -> torch.Tensor:
                 "move them to one device"
             )
     return weight
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__}"
 
 
 # --------------------------------------------------------------------------- custom op
@@ -189,7 +185,7 @@ def _weighted_cross_entropy_op(
     target: torch.Tensor,
     weight: torch.Tensor,
     tangent: torch.Tensor | None,
-    reduction: int,
+    reduction: str,
     compute_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,6 +198,11 @@ def _weighted_cross_entropy_op(
     raise NotImplementedError(f"utilgen::weighted_cross_entropy has no kernel for {logits.device.type} tensors")
 
 
+def _reduction_code(reduction: str) -> int:
+    """The extension's code for a reduction name."""
+    return getattr(_native.extension().Reduction, reduction).value
+
+
 def _caches_grad(logits: torch.Tensor, compute_grad: bool, backend: str) -> bool:
     return compute_grad and backend == "cpp" and logits.device.type == "cpu"
 
@@ -209,7 +210,7 @@ def _caches_grad(logits: torch.Tensor, compute_grad: bool, backend: str) -> bool
 @_weighted_cross_entropy_op.register_fake
 def _(logits, target, weight, tangent, reduction, compute_grad, backend):
     n = logits.shape[0]
-    loss = logits.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
     per_sample = logits.new_empty((n,), dtype=torch.float32)
     directional = logits.new_empty((n,) if tangent is not None else (0,), dtype=torch.float32)
     grad_cache = logits.new_empty(
@@ -221,7 +222,7 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
 def _forward_outputs(logits, reduction, with_tangent, with_grad=False):
     n = logits.shape[0]
     f32 = {"device": logits.device, "dtype": torch.float32}
-    loss = torch.empty((n,) if reduction == 0 else (), **f32)
+    loss = torch.empty((n,) if reduction == "none" else (), **f32)
     per_sample = torch.empty((n,), **f32)
     lse = torch.empty((n,), **f32)
     directional = torch.empty((n,) if with_tangent else (0,), **f32)
@@ -247,7 +248,7 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
         _native.ptr(tangent),
         logits.shape[0],
         logits.shape[1],
-        reduction,
+        _reduction_code(reduction),
         _native.ptr(loss),
         _native.ptr(per_sample),
         _native.ptr(lse),
@@ -282,7 +283,7 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
             _native.ptr(tangent),
             logits.shape[0],
             logits.shape[1],
-            reduction,
+            _reduction_code(reduction),
             _native.dtype_code(logits),
             _native.ptr(loss),
             _native.ptr(per_sample),
@@ -297,7 +298,7 @@ def _(logits, target, weight, tangent, reduction, compute_grad, backend):
 
 def _forward_via_reference(logits, target, weight, tangent, reduction):
     """Any device without a kernel (and backend='reference' reaching the op)."""
-    out = weighted_cross_entropy_reference(logits, target, weight, _REDUCTION_NAMES[reduction], tangent=tangent)
+    out = weighted_cross_entropy_reference(logits, target, weight, reduction, tangent=tangent)
     z = logits.float()
     lse = out.per_sample_loss + z.gather(1, target.unsqueeze(1)).squeeze(1)  # l_i = lse_i - z_{i, y_i}
     directional = out.directional if out.directional is not None else z.new_empty((0,))
@@ -310,9 +311,9 @@ def _forward_triton(logits, target, weight, tangent, reduction):
     logits, target = logits.contiguous(), target.contiguous()
     weight = weight.float().contiguous()
     tangent = None if tangent is None else tangent.contiguous()
-    _, per_sample, lse, directional, grad_cache = _forward_outputs(logits, 0, tangent is not None)
+    _, per_sample, lse, directional, grad_cache = _forward_outputs(logits, "none", tangent is not None)
     triton_kernels.forward(logits, target, tangent, per_sample, lse, directional)
-    loss = _reduce(weight * per_sample, _REDUCTION_NAMES[reduction])
+    loss = _reduce(weight * per_sample, reduction)
     return loss, per_sample, lse, directional, grad_cache
 
 
@@ -327,7 +328,7 @@ def _weighted_cross_entropy_backward_op(
     weight: torch.Tensor,
     per_sample: torch.Tensor,
     lse: torch.Tensor,
-    reduction: int,
+    reduction: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_logits (N, K) in the logits' dtype, grad_weight (N,) float32)."""
@@ -341,10 +342,10 @@ def _(grad_loss, logits, target, weight, per_sample, lse, reduction, backend):
     return torch.empty_like(logits), per_sample.new_empty(per_sample.shape)
 
 
-def _row_scale(grad_loss: torch.Tensor, reduction: int, n: int) -> tuple[torch.Tensor, bool, float]:
+def _row_scale(grad_loss: torch.Tensor, reduction: str, n: int) -> tuple[torch.Tensor, bool, float]:
     """grad_loss as float32 plus how to read it: per row (none) or one scalar times `scale`."""
-    per_row = reduction == 0
-    scale = 1.0 / n if reduction == 1 else 1.0
+    per_row = reduction == "none"
+    scale = 1.0 / n if reduction == "mean" else 1.0
     return grad_loss.float().contiguous(), per_row, scale
 
 
@@ -391,7 +392,7 @@ def _(grad_loss, logits, target, weight, per_sample, lse, reduction, backend):
 
 def _backward_via_reference(grad_loss, logits, target, weight, per_sample, lse, reduction):
     z = logits.float()  # (N, K)
-    g = grad_loss.float() / z.shape[0] if reduction == 1 else grad_loss.float()  # () or (N,)
+    g = grad_loss.float() / z.shape[0] if reduction == "mean" else grad_loss.float()  # () or (N,)
     residual = torch.exp(z - lse.unsqueeze(1)) - F.one_hot(target, z.shape[1]).float()  # (N, K)
     grad_logits = (g * weight.float()).unsqueeze(-1) * residual  # (N, K)
     return grad_logits.to(logits.dtype), g * per_sample
@@ -441,14 +442,14 @@ def _backward(ctx, grad_loss, _grad_per_sample, _grad_lse, _grad_directional, _g
         # Tracers (torch.compile, opcheck) see tensor subclasses and get the
         # functional form.
         g = grad_loss.float()  # () for mean/sum, (N,) for none
-        g_rows = g.unsqueeze(1) if ctx.reduction == 0 else g
+        g_rows = g.unsqueeze(1) if ctx.reduction == "none" else g
         if type(grad_cache) is not torch.Tensor:
             grad_logits = grad_cache * g_rows
         else:
-            if ctx.reduction == 0 or g.item() != 1.0:
+            if ctx.reduction == "none" or g.item() != 1.0:
                 grad_cache.mul_(g_rows)
             grad_logits = grad_cache
-        grad_weight = (g / per_sample.shape[0] if ctx.reduction == 1 else g) * per_sample
+        grad_weight = (g / per_sample.shape[0] if ctx.reduction == "mean" else g) * per_sample
     else:
         grad_logits, grad_weight = _weighted_cross_entropy_backward_op(
             grad_loss, logits, target, weight, per_sample, lse, ctx.reduction, ctx.backend

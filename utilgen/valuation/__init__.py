@@ -1,6 +1,6 @@
-"""TODV: task-oriented data valuation (METHOD.md, stage 1; layer 3: imports ops, models, data, io).
+"""TODV: task-oriented data valuation (docs/method.md, "TODV"; layer 3: imports config, ops, models, data, io).
 
-- ``fit_valuation(real_train, synthetic, meta, BiLevelConfig(...))`` -> ``Valuation``: the
+- ``fit_valuation(real_train, synthetic, meta, ValuationConfig(...))`` -> ``Valuation``: the
   bi-level Meta-Weight-Net training of a classifier and the weight network W_phi.
 - ``Valuation.score(images, labels)`` -> utilities in [0, 1]; ``curve()`` -> the learned w(loss);
   ``save`` / ``Valuation.load`` (safetensors + JSON).
@@ -9,7 +9,6 @@
 
 from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, meta_gradient
 from utilgen.valuation.trainer import (
-    BiLevelConfig,
     FitHistory,
     NonFiniteLossError,
     fit_valuation,
@@ -20,7 +19,6 @@ from utilgen.valuation.valuation import Valuation
 
 __all__ = [
     "META_GRADIENTS",
-    "BiLevelConfig",
     "FitHistory",
     "Lookahead",
     "MetaGradient",

@@ -1,4 +1,4 @@
-"""Meta-gradient strategies of TODV: d L_meta(theta') / d phi for one look-ahead step (METHOD.md, stage 1).
+"""Meta-gradient strategies of TODV: d L_meta(theta') / d phi for one look-ahead step (docs/method.md, "TODV").
 
 One look-ahead on a training batch (x, y) of N samples and a meta batch of M:
 

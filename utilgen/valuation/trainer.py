@@ -1,4 +1,4 @@
-"""Bi-level TODV training (METHOD.md, stage 1; Meta-Weight-Net's one-step look-ahead).
+"""Bi-level TODV training (docs/method.md, "TODV"; Meta-Weight-Net's one-step look-ahead).
 
 Per step on a batch of D_merge = D_r + D_g:
 
@@ -9,7 +9,7 @@ Per step on a batch of D_merge = D_r + D_g:
 The weighted loss is ``utilgen.ops.weighted_cross_entropy``. By default the
 weights are normalised to a batch mean of 1 before they enter it
 (``normalize_weights``), as Meta-Weight-Net's released code does, with the
-meta-gradient flowing through the normalisation: with METHOD.md's raw
+meta-gradient flowing through the normalisation: with the paper's raw
 (1/N) sum_i w_i l_i the look-ahead mostly raised every weight and learned a
 rising w(loss) (flipped-vs-clean AUROC 0.09 at smoke scale, 0.91 normalised). Real samples are weighted
 like synthetic ones by default, as Meta-Weight-Net weighs every sample;
@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from utilgen.config import ValuationConfig
 from utilgen.data import LabelledImages
 from utilgen.models import WeightNet, build_classifier, per_sample_features
 from utilgen.ops import weighted_cross_entropy
@@ -36,38 +37,6 @@ from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient
 from utilgen.valuation.valuation import Valuation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BiLevelConfig:
-    strategy: str = "directional"  # a key of META_GRADIENTS
-    classifier: str = "cnn-small"  # a utilgen.models.build_classifier name
-    steps: int = 400
-    batch_size: int = 128
-    meta_batch_size: int = 100
-    meta_every: int = 1  # k: meta-update every k steps; 0 = no reweighting (all weights 1)
-    inner_lr: float = 0.05  # a: SGD lr of theta and of the virtual step
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    meta_lr: float = 1e-3  # Adam on phi (Meta-Weight-Net)
-    meta_weight_decay: float = 1e-4
-    weight_net_hidden: int = 100
-    features: tuple[str, ...] = ("loss",)
-    fix_real_weights: bool = False
-    normalize_weights: bool = True  # batch mean 1, as MWN's code (see strategies.effective_weights)
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.strategy not in META_GRADIENTS:
-            raise ValueError(f"strategy must be one of {sorted(META_GRADIENTS)}, got {self.strategy!r}")
-        for name in ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.meta_every < 0:
-            raise ValueError(f"meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
-        object.__setattr__(self, "features", tuple(self.features))
 
 
 @dataclass
@@ -200,15 +169,19 @@ def fit_valuation(
     real_train: LabelledImages,
     synthetic: LabelledImages,
     meta: LabelledImages,
-    config: BiLevelConfig = BiLevelConfig(),
+    config: ValuationConfig = ValuationConfig(),
     classifier: nn.Module | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> Valuation:
     """TODV: train f_theta on real + synthetic with W_phi-weighted loss, W_phi by look-ahead on ``meta``.
 
     ``synthetic`` may be a ``LabelledImages`` or anything with ``to_labelled()``
     (a ``SyntheticPool``). ``classifier=None`` builds ``config.classifier``; a
     given module is trained in place (and the result cannot be saved unless it
-    is that architecture). Raises ``NonFiniteLossError`` carrying the
+    is that architecture). ``seed`` draws the initialisations and batches. Raises ``NonFiniteLossError`` carrying the
     valuation and history up to the failing step.
     """
     if hasattr(synthetic, "to_labelled"):
@@ -218,8 +191,10 @@ def fit_valuation(
             raise ValueError(f"{name} must share real_train's classes and image shape")
     if len(meta) == 0 or len(real_train) + len(synthetic) == 0:
         raise ValueError("need a non-empty meta set and training set")
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)  # the classifier's and weight net's initialisation, dropout
+    if config.strategy not in META_GRADIENTS:
+        raise ValueError(f"strategy must be one of {sorted(META_GRADIENTS)}, got {config.strategy!r}")
+    device = torch.device(device)
+    torch.manual_seed(seed)  # the classifier's and weight net's initialisation, dropout
     channels, size, _ = real_train.image_shape
     classifier_name = config.classifier if classifier is None else None
     if classifier is None:
@@ -240,7 +215,7 @@ def fit_valuation(
     )
     is_synthetic = is_synthetic.to(device)
     meta_images, meta_labels = meta.images.to(device), meta.labels.to(device)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     batches = _Batches(len(labels), config.batch_size, generator)
     meta_batches = _Batches(len(meta_labels), config.meta_batch_size, generator)
     reweight = config.meta_every > 0
@@ -251,7 +226,7 @@ def fit_valuation(
             classifier, weight_net, real_train.class_names, real_train.image_shape, classifier_name, history
         )
 
-    for step in tqdm(range(config.steps), desc=f"TODV ({config.strategy})", disable=not config.progress):
+    for step in tqdm(range(config.steps), desc=f"TODV ({config.strategy})", disable=not progress):
         index = batches.next().to(device)
         batch, synthetic_rows = (images[index], labels[index]), is_synthetic[index]
         mask = synthetic_rows if config.fix_real_weights else None

@@ -1,0 +1,155 @@
+"""Every check a run can make before it writes anything (layer 5).
+
+``preflight(cfg, directory, resuming)`` resolves the device, checks the names the config
+gives (classifiers, the meta-gradient strategy), the generator's files and dependencies,
+reads and checks the data, cuts the splits once to see that every class has enough images,
+and compares the disk space the run plans to write with what is free. It raises
+``ConfigError`` (or the data and model checks' ``ValueError`` / ``OSError`` /
+``ImportError``), which the command line turns into exit status 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from utilgen.config import Config, ConfigError
+from utilgen.data import LabelledImages, load_split_indices, make_splits, splits_from_indices
+from utilgen.rundir import free_bytes
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: Config, directory: Path, resuming: bool) -> tuple[torch.device, LabelledImages]:
+    """(device, data) once every check passed; see the module docstring."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    check_names(cfg)
+    if cfg.generator.kind == "stable-diffusion":
+        check_stable_diffusion(cfg, device)
+    data = load_task_data(cfg)
+    check_generator_fits_data(cfg, data)
+    make_splits(
+        data,
+        shots_per_class=cfg.data.shots_per_class,
+        meta_per_class=cfg.data.meta_per_class,
+        test_per_class=cfg.data.test_per_class,
+        seed=cfg.data.split_seed,
+    )
+    if resuming and (directory / "splits.json").exists():  # the data must still be the data the run split
+        splits_from_indices(data, load_split_indices(directory / "splits.json"))
+    needed = planned_bytes(cfg, len(data.class_names), data.images.shape[1], data.images.shape[-1])
+    available = free_bytes(directory)
+    if available < needed:
+        raise ConfigError(
+            f"not enough disk space for the run in {directory}: it plans to write about "
+            f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free"
+        )
+    return device, data
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={requested!r} but torch sees no CUDA device here; use cpu or auto")
+    return device
+
+
+def check_names(cfg: Config) -> None:
+    """What only torch-side code can check: classifier and strategy names, and settings the CLI cannot serve."""
+    from utilgen.models.classifier import CLASSIFIERS
+    from utilgen.valuation import META_GRADIENTS
+
+    for key, name, what, known in (
+        ("valuation.classifier", cfg.valuation.classifier, "classifier", CLASSIFIERS),
+        ("evaluation.classifier", cfg.evaluation.classifier, "classifier", CLASSIFIERS),
+        ("valuation.strategy", cfg.valuation.strategy, "meta-gradient strategy", META_GRADIENTS),
+    ):
+        if name not in known:
+            raise ConfigError(f"{key}={name!r} is not a {what}; choose one of {', '.join(known)}")
+    if cfg.ilpo.clip_weight > 0:  # the API takes a ClipAlignment; the command line has no CLIP model to load
+        raise ConfigError(
+            "ilpo.clip_weight > 0 needs a local CLIP model, which python -m utilgen.run does not load; "
+            "use optimise_instances(..., clip=ClipAlignment.from_directory(...)) from Python, or leave it at 0"
+        )
+
+
+def check_stable_diffusion(cfg: Config, device: torch.device) -> None:
+    """The model directory's files, the optional packages and the attention backend."""
+    from utilgen.generator.attention import resolve_attention
+    from utilgen.generator.stable_diffusion import check_directory
+
+    check_directory(cfg.generator.path)
+    import diffusers  # noqa: F401  (ImportError: the message names the package)
+    import transformers  # noqa: F401
+
+    resolve_attention(cfg.generator.attention, device)
+    if device.type == "cpu" and cfg.generator.dtype != "float32":
+        log.warning(
+            "generator.dtype=%s on the CPU is slow or unsupported; --set generator.dtype=float32", cfg.generator.dtype
+        )
+
+
+def load_task_data(cfg: Config) -> LabelledImages:
+    """The real dataset the splits are cut from (embedded Fashion-MNIST or an ImageFolder), checked."""
+    from utilgen.data import load_embedded, load_image_folder
+
+    if cfg.data.source == "embedded":
+        if cfg.data.channels != 1:
+            raise ConfigError(
+                "the embedded Fashion-MNIST data is grayscale: data.channels must be 1 "
+                "(give --data PATH for an RGB ImageFolder)"
+            )
+        return load_embedded(cfg.data.image_size)
+    data, report = load_image_folder(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    log.info("ImageFolder %s: %s", cfg.data.source, report.counts)
+    return data
+
+
+def check_generator_fits_data(cfg: Config, data: LabelledImages) -> None:
+    """The generator can make the task's images: the embedded one knows 10 gray classes, Stable Diffusion paints RGB."""
+    channels = data.images.shape[1]
+    if cfg.generator.kind == "embedded":
+        from utilgen.generator.embedded import EmbeddedConfig
+
+        embedded = EmbeddedConfig()
+        if len(data.class_names) != embedded.num_classes or channels != embedded.channels:
+            raise ConfigError(
+                f"the embedded generator makes {embedded.channels}-channel images of Fashion-MNIST's "
+                f"{embedded.num_classes} classes; the data has {len(data.class_names)} classes with {channels} "
+                "channel(s). Use --generator PATH (a Stable Diffusion directory) for other datasets"
+            )
+    elif channels != 3:
+        raise ConfigError(
+            f"Stable Diffusion makes RGB images; the data is read with {channels} "
+            "channel(s): set data.channels=3 (or use --preset sd21)"
+        )
+
+
+def planned_bytes(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:
+    """A generous estimate of what the run writes: PNGs (worst case uncompressed) plus per-image tensors."""
+    per_image = channels * image_size * image_size + 512
+    final = cfg.final_per_class() * num_classes
+    images = (
+        cfg.synthetic.first_pool_per_class * num_classes
+        + final * (2 + 2 * cfg.evaluation.ablation)
+        + cfg.mlco.rounds * cfg.mlco.candidates_per_class * num_classes
+    )
+    latent = 4 * 64 * 64 * 4 if cfg.generator.kind != "embedded" else 4 * image_size * image_size
+    prompt = 77 * 1024 * 4 if cfg.generator.kind != "embedded" else 4 * 64 * 4
+    tensors = final * (1 + 2 * cfg.evaluation.ablation) * (latent + prompt)
+    return int(1.5 * (images * per_image + tensors)) + 64 * 2**20
+
+
+def describe_plan(cfg: Config) -> str:
+    per_class = cfg.final_per_class()
+    return (
+        f"{cfg.data.shots_per_class} real shots/class, meta {cfg.data.meta_per_class}/class, "
+        f"{per_class} synthetic/class ({cfg.synthetic.multiple:g}x), MLCO rounds {cfg.mlco.rounds}, "
+        f"evaluation seeds {list(cfg.evaluation.seeds)}"
+    )

@@ -1,0 +1,163 @@
+"""What the loop's stages write into the run directory and read back (layer 5).
+
+Every stage writes through these functions, atomically, and the next stage reads what was
+written, never what is still in memory: pools are 8-bit PNGs, so an uninterrupted run and a
+resumed one compute on the same pixels. A stage that stops on a non-finite loss keeps what it
+had in a ``*.partial*`` file and raises ``StageError`` with the setting to change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from utilgen import adaptation
+from utilgen.adaptation.mlco import prepare_round
+from utilgen.config import Config, MLCOConfig, ValuationConfig
+from utilgen.data import Splits, SyntheticPool
+from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate
+from utilgen.generator import Generator
+from utilgen.io import atomic_write_bytes, atomic_write_json
+from utilgen.rundir import RunDirectory
+from utilgen.stages import StageError
+from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
+
+TOKENS = "tokens.safetensors"
+
+
+def save_tokens(directory: RunDirectory, tokens: torch.Tensor, steps: int) -> None:
+    if not bool(torch.isfinite(tokens).all()):
+        raise StageError(
+            f"textual inversion diverged: the class tokens hold NaN/inf after {steps} steps. "
+            "Lower tokens.lr and resume: --resume DIR --set tokens.lr=..."
+        )
+    atomic_write_bytes(directory.path / TOKENS, save({"class_tokens": tokens.detach().float().cpu().contiguous()}))
+
+
+def load_tokens(directory: RunDirectory, device: torch.device) -> torch.Tensor:
+    return load_file(directory.path / TOKENS)["class_tokens"].to(device)
+
+
+def save_pool(directory: RunDirectory, name: str, pool: SyntheticPool) -> None:
+    pool.save(directory.path / "pools" / name)
+
+
+def load_pool(directory: RunDirectory, name: str) -> SyntheticPool:
+    return SyntheticPool.load(directory.path / "pools" / name)
+
+
+# ------------------------------------------------------------------------------------ TODV
+
+
+def fit_or_stop(
+    real: Splits, synthetic: SyntheticPool, config: ValuationConfig, out: Path, *, seed: int, device, progress: bool
+) -> Valuation:
+    """``fit_valuation``; on a non-finite loss the weights before that step go to ``<out>.partial``."""
+    try:
+        return fit_valuation(real.train, synthetic, real.meta, config, seed=seed, device=device, progress=progress)
+    except NonFiniteLossError as error:
+        partial = out.with_name(out.name + ".partial")
+        error.valuation.save(partial)
+        raise StageError(
+            f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr "
+            "or valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=..."
+        ) from error
+
+
+def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None:
+    """The valuation, its learned w(loss) curve and training history, and the utilities of the pool it valued."""
+    valuation.save(out)
+    history = valuation.history
+    curve = {}
+    if valuation.features == ("loss",):
+        losses, weights = valuation.curve()
+        curve = {"loss": losses.tolist(), "weight": weights.tolist()}
+    atomic_write_json(
+        out / "history.json",
+        {
+            "curve": curve,
+            "meta_loss": history.meta_loss if history else [],
+            "mean_weight_real": history.mean_weight_real if history else [],
+            "mean_weight_synthetic": history.mean_weight_synthetic if history else [],
+            "pool_utilities": valuation.score(pool.images, pool.labels).tolist(),
+        },
+    )
+
+
+def valued_pool_utilities(valuation_dir: Path) -> torch.Tensor:
+    """(N,) utilities of the pool the valuation in ``valuation_dir`` was fitted on, as it valued them."""
+    return torch.tensor(json.loads((valuation_dir / "history.json").read_text())["pool_utilities"])
+
+
+# ------------------------------------------------------------------------------------ MLCO
+
+
+def train_dpo_or_stop(
+    generator: Generator, pairs: adaptation.Pairs, config: MLCOConfig, out: Path, round_index: int, *, seed, progress
+) -> adaptation.DPORoundResult:
+    """``train_dpo_round``; on a non-finite loss the adapter (back at its last finite weights) is kept."""
+    try:
+        return adaptation.train_dpo_round(
+            generator, pairs, config, round_index=round_index - 1, seed=seed, progress=progress
+        )
+    except adaptation.DPONonFiniteError as error:
+        adaptation.save_adapters(generator.denoiser, out.with_name(out.name + ".partial.safetensors"))
+        raise StageError(
+            f"{error}. Resume with a smaller step: --resume DIR --set mlco.lr=... (or mlco.beta=...)"
+        ) from error
+
+
+def replay_round(
+    generator: Generator, config: MLCOConfig, round_index: int, directory: RunDirectory, seed: int
+) -> None:
+    """Put a finished round's adapter back: the state ``train_dpo_round`` left (attach or re-anchor, then weights)."""
+    path = directory.path / f"mlco/round-{round_index}/adapters.safetensors"
+    if not path.exists():  # a round without pairs changed nothing
+        return
+    prepare_round(generator, config, round_index - 1, seed=seed)
+    adaptation.load_adapters(generator.denoiser, path)
+
+
+# ------------------------------------------------------------------------------------ ILPO, evaluation
+
+
+def ilpo_summary(history: adaptation.ILPOHistory, pool: SyntheticPool) -> dict:
+    """Mean utility with the class prompt, at the optimised prompt (differentiable proxy), of the final images."""
+    before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
+    after = torch.cat([h.utility_after for h in history.prompt]) if history.prompt else torch.empty(0)
+    # No wall times here (the manifest has the stage's): this file is a result, equal across resumed runs.
+    return {
+        "utility_before": _mean(before),
+        "utility_after_prompt": _mean(after),
+        "utility_after": _mean(pool.utilities),
+    }
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else None
+
+
+def evaluate_or_stop(
+    settings: list[TrainingSet], real: Splits, cfg: Config, device, directory: RunDirectory, key: str, progress: bool
+) -> dict:
+    """``evaluate`` with its checkpoint in the run directory; a non-finite loss keeps the finished classifiers."""
+    checkpoint = directory.path / "evaluation.partial.json"
+    try:
+        results = evaluate(
+            settings,
+            real.test,
+            cfg.evaluation,
+            device=device,
+            checkpoint=checkpoint,
+            checkpoint_key=key,
+            progress=progress,
+        )
+    except NonFiniteTrainingError as error:
+        raise StageError(f"{error}; the classifiers finished so far are kept in {checkpoint}") from error
+    atomic_write_json(directory.path / "evaluation.json", results)
+    checkpoint.unlink(missing_ok=True)
+    return results

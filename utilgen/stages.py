@@ -1,0 +1,67 @@
+"""Skip-or-run bookkeeping of the loop's stages against the run directory's manifest (layer 5).
+
+``Stages.stage(name, settings, outputs)`` is a context manager that yields whether the stage
+must run. A stage is skipped when the manifest marks it done under the same key (its settings
+chained with the key of the stage before it, ``rundir.stage_key``) and its outputs still hash
+to what was recorded. Once one stage runs, every later one runs too: its inputs may have
+changed. Before a stage runs, its old outputs are cleared and torch is seeded from the run
+seed and the stage's name, so a stage computes the same thing whether the run was resumed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from utilgen.rundir import RunDirectory, stage_key
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage stopped (a non-finite loss); what finished before it is kept and the run can be resumed."""
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """The torch seed of stage ``name`` in a run seeded ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little")
+
+
+class Stages:
+    """The chained stage keys, timing, the manifest and the per-stage torch seeds of one run."""
+
+    def __init__(self, directory: RunDirectory, seed: int):
+        self.directory, self.seed, self.key = directory, seed, "start"
+        self.rerun = False  # once a stage runs, every later one does: its inputs may have changed
+
+    @contextlib.contextmanager
+    def stage(self, name: str, settings: list, outputs: list[str]) -> Iterator[bool]:
+        """Yield True when stage ``name`` must run (then mark it done), False when its outputs are reused."""
+        self.key = stage_key(self.key, [_plain(s) for s in settings])
+        if not self.rerun and self.directory.is_done(name, self.key):
+            log.info("stage %s: done earlier, reusing its outputs", name)
+            yield False
+            return
+        self.rerun = True
+        self.directory.clear(outputs)
+        torch.manual_seed(stage_seed(self.seed, name))
+        log.info("stage %s: running", name)
+        start = time.perf_counter()
+        try:
+            yield True
+        except StageError as error:
+            self.directory.mark_failed(name, self.key, str(error), time.perf_counter() - start)
+            raise
+        seconds = time.perf_counter() - start
+        self.directory.mark_done(name, self.key, outputs, seconds)
+        log.info("stage %s: done in %.1f s", name, seconds)
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
