@@ -4,7 +4,7 @@
   10-30x slower on the 2-core machines; docs/design.md, "Machine facts").
 - Without a GPU, TRITON_INTERPRET=1 before any Triton kernel is imported, so
   the CPU suite runs the Triton kernels for real in the interpreter.
-- ``backends_here()`` lists the kernel backends the op tests must exercise.
+- ``backend_params()`` lists the kernel backends the op tests must exercise.
 - ``smoke_run``: one finished smoke-preset run, made once per session.
 """
 

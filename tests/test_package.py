@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,6 @@ def test_licence_files_are_declared_and_present():
     root = PACKAGE_DIR.parent
     if not (root / "pyproject.toml").exists():
         pytest.skip("runs from a source checkout only")
-    tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0"
     assert [name for name in project["license-files"] if not (root / name).is_file()] == []

@@ -71,14 +71,7 @@ class Valuation:
         """
         if images.dim() == 4 and images.shape[1] == self.image_shape[0] and self.image_shape[1] == self.image_shape[2]:
             images = resize_images(images, self.image_shape[1])
-        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}"
-            )
-        if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(
-                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
-            )
+        self._check_inputs(images, labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.class_names)):
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
         out = []
@@ -90,6 +83,16 @@ class Valuation:
             out.append(self.weight_net(per_sample_features(losses, logits, y, self.features)).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
+    def _check_inputs(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}"
+            )
+        if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(
+                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+            )
+
     def utility(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N,) utilities in [0, 1] with a graph to ``images`` (N, C, H, W) in [0, 1]: ILPO's objective.
 
@@ -99,14 +102,7 @@ class Valuation:
         with ``torch.autograd.grad`` with respect to the images; the classifier
         and weight network are not trained here. One batch, on ``self.device``.
         """
-        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"images must have shape (N, {', '.join(map(str, self.image_shape))}), got {tuple(images.shape)}"
-            )
-        if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(
-                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
-            )
+        self._check_inputs(images, labels)
         x, y = images.to(self.device, torch.float32), labels.to(self.device)
         logits = self.classifier(x)  # (N, K)
         losses = F.cross_entropy(logits.float(), y, reduction="none")  # (N,)
