@@ -254,6 +254,10 @@ def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
         (["--set", "run.threads=0"], "run.threads must be >= 1"),
         (["--set", "tokens.lr=0"], "tokens.lr > 0"),
         (["--set", "data.channels=3"], "the embedded Fashion-MNIST data is grayscale"),
+        (["--set", "valuation.strategy=hessian"], "valuation.strategy='hessian' is not a meta-gradient strategy"),
+        (["--set", "ilpo.backend=cdua"], "ilpo.backend='cdua' is not a backend"),
+        (["--set", "ilpo.backend=cuda", "--device", "cpu"], "ilpo.backend='cuda' cannot run on cpu"),
+        (["--set", "ilpo.clip_weight=1"], "ilpo.clip_weight > 0 needs a local CLIP model"),
     ],
 )
 def test_checks_that_would_otherwise_fail_mid_run(capsys, tmp_path, args, message):

@@ -12,10 +12,9 @@
     report      metrics.json, report.md, plots
 
 Each stage writes its outputs into the run directory (``utilgen.stage_outputs``), then the
-manifest marks it done (``utilgen.stages``); the next stage reads what was written, which is
-what makes a run killed at any moment resume to the same results. Every image's seed derives
-from the run seed and its place in its pool, and every stage seeds torch from the run seed
-and its name.
+manifest marks it done (``utilgen.stages``); the next stage reads what was written, so a run
+killed at any moment resumes to the same results. Every image's seed derives from the run seed
+and its place in its pool; every stage seeds torch from the run seed and its name.
 """
 
 from __future__ import annotations
@@ -111,7 +110,8 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
     # MLCO: rounds of candidates -> utility pairs -> Diffusion-DPO on the denoiser's adapter.
     for round_index in range(1, cfg.mlco.rounds + 1):
         name = f"mlco-{round_index}"
-        round_settings = dataclasses.replace(cfg.mlco, rounds=0)  # round r does not depend on the count
+        # Round r does not depend on the round count, nor on how often it logs.
+        round_settings = {k: v for k, v in dataclasses.asdict(cfg.mlco).items() if k not in ("rounds", "log_every")}
         with stages.stage(name, [round_settings], [f"mlco/round-{round_index}", f"pools/{name}"]) as needed:
             if needed:
                 mlco_round(generator, valuation, round_index, ctx)

@@ -27,7 +27,7 @@ def preflight(cfg: Config, directory: Path, resuming: bool) -> tuple[torch.devic
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    check_names(cfg)
+    check_names(cfg, device)
     if cfg.generator.kind == "stable-diffusion":
         check_stable_diffusion(cfg, device)
     data = load_task_data(cfg)
@@ -60,7 +60,7 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def check_names(cfg: Config) -> None:
+def check_names(cfg: Config, device: torch.device) -> None:
     """What only torch-side code can check: classifier and strategy names, and settings the CLI cannot serve."""
     from utilgen.models.classifier import CLASSIFIERS
     from utilgen.valuation import META_GRADIENTS
@@ -72,11 +72,27 @@ def check_names(cfg: Config) -> None:
     ):
         if name not in known:
             raise ConfigError(f"{key}={name!r} is not a {what}; choose one of {', '.join(known)}")
+    if cfg.ilpo.backend is not None:
+        check_latent_update_backend(cfg.ilpo.backend, device)
     if cfg.ilpo.clip_weight > 0:  # the API takes a ClipAlignment; the command line has no CLIP model to load
         raise ConfigError(
             "ilpo.clip_weight > 0 needs a local CLIP model, which python -m utilgen.run does not load; "
             "use optimise_instances(..., clip=ClipAlignment.from_directory(...)) from Python, or leave it at 0"
         )
+
+
+def check_latent_update_backend(requested: str, device: torch.device) -> None:
+    """``ilpo.backend`` names a backend that can run ILPO's fp32 updates on ``device``."""
+    from utilgen.ops import _backend
+    from utilgen.ops.latent_update import SUPPORT
+
+    try:
+        name = _backend._check_request(requested, "ilpo.backend")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    reason = "" if name == "auto" else _backend.unavailable_reason(SUPPORT, name, device.type, torch.float32)
+    if reason:
+        raise ConfigError(f"ilpo.backend={name!r} cannot run on {device}: {reason}; use auto or leave it unset")
 
 
 def check_stable_diffusion(cfg: Config, device: torch.device) -> None:
