@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -179,3 +180,82 @@ def test_stage_settings_are_set_like_any_other_key():
     assert cfg.valuation.momentum == 0.5
     assert cfg.mlco.reanchor is False
     assert cfg.ilpo.backend == "reference"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.test_per_class=0",
+        "data.split_seed=-1",
+        "data.shots_per_class=0",
+        "data.meta_per_class=0",
+        "generator.guidance_scale=-5",
+        "generator.guidance_scale=0",
+        "generator.guidance_scale=nan",
+        "generator.batch_size=0",
+        "tokens.lr=1e300",
+        "tokens.lr=inf",
+        "tokens.lr=nan",
+        "tokens.lr=0",
+        "tokens.steps=-1",
+        "tokens.batch_size=0",
+        "synthetic.multiple=inf",
+        "synthetic.first_pool_per_class=0",
+        "valuation.inner_lr=-1",
+        "valuation.inner_lr=inf",
+        "valuation.meta_lr=0",
+        "valuation.momentum=1",
+        "valuation.momentum=-0.1",
+        "valuation.weight_decay=-1e-4",
+        "valuation.meta_weight_decay=nan",
+        "valuation.features=",
+        "mlco.lr=inf",
+        "mlco.beta=nan",
+        "mlco.lora_alpha=-8",
+        "mlco.min_gap=-0.1",
+        "mlco.weight_decay=-1",
+        "mlco.max_grad_norm=nan",
+        "mlco.target_modules=",
+        "mlco.pairs_per_class=0",
+        "ilpo.prompt_lr=0",
+        "ilpo.prompt_lr=inf",
+        "ilpo.noise_lr=-0.05",
+        "ilpo.redenoise_high_guidance=-1",
+        "ilpo.redenoise_low_guidance=inf",
+        "ilpo.drift_weight=-1",
+        "ilpo.min_improvement=nan",
+        "ilpo.embed_max_distance=inf",
+        "ilpo.repair_quantile=nan",
+        "ilpo.patience=0",
+        "evaluation.lr=1e300",
+        "evaluation.lr=-0.05",
+        "evaluation.seeds=0,-1",
+        "evaluation.batch_size=0",
+        "run.seed=-1",
+        "run.device=",
+        "run.threads=0",
+    ],
+)
+def test_every_range_is_checked_before_the_run_naming_the_key(override):
+    """Each of these passed the pre-run checks once and failed stages later (or never): refused up front."""
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError, match=re.escape(key)) as info:
+        build_config("default", overrides=[override])
+    assert str(info.value).startswith(key), str(info.value)  # the message leads with the key, not a neighbour
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "generator.guidance_scale=1",  # the conditional model alone: no guidance, still the class's images
+        "valuation.momentum=0",
+        "mlco.max_grad_norm=inf",  # documented: no clipping
+        "mlco.min_gap=0",
+        "ilpo.redenoise_low_guidance=0",  # an unconditional inversion step
+        "tokens.steps=0",
+        "ilpo.embed_max_distance=none",
+        "data.test_per_class=none",
+    ],
+)
+def test_the_boundaries_that_mean_something_are_accepted(override):
+    build_config("default", overrides=[override])

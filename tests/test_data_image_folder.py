@@ -90,7 +90,7 @@ def test_sixteen_bit_and_transparent_images(tmp_path):
 
 
 def test_bad_files_are_listed(folder):
-    (folder / "dog" / "notes.txt").write_text("hello")
+    (folder / "dog" / "notes.jpg").write_text("hello")  # an image extension: it must decode
     (folder / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     full = _png_bytes(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     (folder / "cat" / "truncated.png").write_bytes(full[: len(full) // 2])
@@ -100,14 +100,42 @@ def test_bad_files_are_listed(folder):
     message = str(info.value)
     problems = dict(info.value.problems)
     assert set(problems) == {
-        str(folder / p) for p in ("dog/notes.txt", "dog/corrupt.png", "cat/truncated.png", "cat/dangling.png")
+        str(folder / p) for p in ("dog/notes.jpg", "dog/corrupt.png", "cat/truncated.png", "cat/dangling.png")
     }
-    assert "not an image" in problems[str(folder / "dog" / "notes.txt")]
+    assert "not an image" in problems[str(folder / "dog" / "notes.jpg")]
     assert "unreadable" in problems[str(folder / "cat" / "dangling.png")]
     for path in problems:
         assert path in message
-    assert "on_error='skip'" in message
+    assert "from Python, load_image_folder(..., on_error='skip')" in message  # the CLI has no such option
     assert "4 problem(s)" in message
+
+
+def test_problem_count_includes_empty_classes(folder):
+    (folder / "empty").mkdir()
+    with pytest.raises(ImageFolderError, match=r"1 problem\(s\)") as info:
+        load_image_folder(folder, image_size=8)
+    assert info.value.problems == [(str(folder / "empty"), "class has no loadable images")]
+
+
+def test_non_image_files_are_ignored_and_counted(folder, caplog):
+    strays = [folder / "cat" / "README.txt", folder / "cat" / "sub" / "Thumbs.db", folder / "dog" / "LICENSE"]
+    for stray in strays:
+        stray.write_text("not an image")
+    _save(folder / "dog" / "upper.PNG", np.zeros((8, 8), dtype=np.uint8))  # extensions match in any case
+    with caplog.at_level("WARNING", logger="utilgen.data.image_folder"):
+        _, report = load_image_folder(folder, image_size=8)
+    assert report.counts == {"cat": 3, "dog": 3}
+    assert sorted(report.ignored_files) == sorted(str(path) for path in strays)
+    assert report.to_dict()["ignored_files"] == report.ignored_files
+    assert report.num_skipped == 0
+    assert "ignored 3 file(s)" in caplog.text
+
+
+def test_class_with_only_non_image_files_is_empty(folder):
+    (folder / "notes").mkdir()
+    (folder / "notes" / "README.md").write_text("# notes")
+    with pytest.raises(ImageFolderError, match="class has no loadable images"):
+        load_image_folder(folder, image_size=8)
 
 
 def test_bad_checksum_is_caught_by_verify(tmp_path):
@@ -123,17 +151,17 @@ def test_bad_checksum_is_caught_by_verify(tmp_path):
 
 
 def test_skip_counts_bad_files_and_drops_empty_classes(folder):
-    (folder / "dog" / "notes.txt").write_text("hello")
+    (folder / "dog" / "notes.gif").write_text("hello")
     full = _png_bytes(np.zeros((32, 32), dtype=np.uint8))
     (folder / "cat" / "truncated.png").write_bytes(full[:-30])
     (folder / "empty").mkdir()
     (folder / "only-junk").mkdir()
-    (folder / "only-junk" / "x.txt").write_text("x")
+    (folder / "only-junk" / "x.bmp").write_text("x")
     data, report = load_image_folder(folder, image_size=8, on_error="skip")
     assert data.class_names == ("cat", "dog")
     assert len(data) == 5
-    assert report.num_skipped == 3  # notes.txt, truncated.png, x.txt
-    assert {Path(p).name for p, _ in report.skipped_files} == {"notes.txt", "truncated.png", "x.txt"}
+    assert report.num_skipped == 3  # notes.gif, truncated.png, x.bmp
+    assert {Path(p).name for p, _ in report.skipped_files} == {"notes.gif", "truncated.png", "x.bmp"}
     assert report.dropped_classes == ["empty", "only-junk"]
     assert report.to_dict()["skipped_files"][0].keys() == {"path", "reason"}
 

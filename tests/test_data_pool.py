@@ -112,6 +112,21 @@ def test_saved_tree_is_an_image_folder_with_the_same_labels(tmp_path):
     assert data.labels.tolist() == [int(s.split("/")[-2].split("_")[0]) for s in data.sources]
 
 
+def test_class_names_too_long_for_a_file_name(tmp_path):
+    long_names = ("x" * 255, "x" * 254 + "y", "é" * 200)  # the first two differ only at the end
+    pool = SyntheticPool.create(
+        torch.rand(3, 1, 4, 4), torch.arange(3), long_names, torch.arange(3), round=0, stage="s"
+    )
+    pool.save(tmp_path / "pool")
+    loaded = SyntheticPool.load(tmp_path / "pool")
+    assert loaded.class_names == long_names
+    rows = [json.loads(line) for line in (tmp_path / "pool" / "metadata.jsonl").read_text().splitlines()]
+    assert [row["class_name"] for row in rows] == list(long_names)
+    folders = [name.split("/")[1] for name in (row["file"] for row in rows)]
+    assert len(set(folders)) == 3
+    assert all(len(folder.encode()) <= 255 for folder in folders)
+
+
 def test_pool_without_optional_tensors_and_empty_pool(tmp_path):
     bare = SyntheticPool.create(
         torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), CLASSES, torch.tensor([5, 6]), round=2, stage="ilpo"

@@ -252,7 +252,7 @@ def test_an_earlier_run_is_not_resumed_or_overwritten_by_out(capsys, tmp_path):
     [
         (["--set", "evaluation.classifier=vgg"], "evaluation.classifier='vgg' is not a classifier"),
         (["--set", "run.threads=0"], "run.threads must be >= 1"),
-        (["--set", "tokens.lr=0"], "tokens.lr > 0"),
+        (["--set", "tokens.lr=0"], "tokens.lr must be > 0"),
         (["--set", "data.channels=3"], "the embedded Fashion-MNIST data is grayscale"),
         (["--set", "valuation.strategy=hessian"], "valuation.strategy='hessian' is not a meta-gradient strategy"),
         (["--set", "ilpo.backend=cdua"], "ilpo.backend='cdua' is not a backend"),
@@ -364,3 +364,96 @@ def test_stable_diffusion_backend_on_an_image_folder_end_to_end(tmp_path):
     image = Image.open(out / "pools/utilgen" / rows[0]["file"])
     assert image.size == (16, 16)
     assert image.mode == "RGB"
+
+
+# ------------------------------------------------------------------------------------------ issue 12
+
+
+def _smoke_run_directory(path: Path, *overrides: str) -> Path:
+    """A run directory holding a smoke config and no finished stage: what --resume accepts."""
+    from utilgen.config import build_config
+    from utilgen.rundir import RunDirectory
+
+    RunDirectory.create(path, build_config("smoke", None, list(overrides)).to_dict())
+    return path
+
+
+_HOLD_LOCK = """
+import sys, time
+from utilgen.rundir import RunDirectory
+RunDirectory.open(sys.argv[1], lock=True)
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_process_on_a_locked_run_directory_gets_status_2_naming_the_holder(capsys, tmp_path):
+    out = _smoke_run_directory(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        manifest = (out / "manifest.json").read_text()
+        status, err = cli.main(["--quiet", "--resume", str(out)]), capsys.readouterr().err
+        assert status == 2
+        assert f"is in use by pid {holder.pid} on host " in err
+        assert "Wait for it to finish" in err
+        status, err = _main(capsys, "--out", str(out))  # --out on it: the holder too, not "not empty"
+        assert status == 2
+        assert f"pid {holder.pid}" in err
+        assert (out / "manifest.json").read_text() == manifest  # neither touched the holder's run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_run_directory_inside_the_data_is_refused_before_anything_is_written(capsys, tmp_path):
+    data = _image_folder(tmp_path / "data", per_class=2)
+    (tmp_path / "link").symlink_to(data)
+    for out in (data / "run", tmp_path / "link" / "run", tmp_path / "elsewhere" / ".." / "data" / "run"):
+        status, err = _main(capsys, "--data", str(out.parent), "--out", str(out))
+        assert status == 2, err
+        assert f"--out {out}" in err
+        assert f"--data {out.parent.absolute()}" in err
+        assert not out.exists()
+    # the real paths differ from the given ones: --data through the link, --out directly
+    status, err = _main(capsys, "--data", str(tmp_path / "link"), "--out", str(data / "run"))
+    assert status == 2
+    assert "inside the data directory" in err
+    # --resume of a run someone put inside its data
+    run = _smoke_run_directory(data / "run", f"data.source={data}")
+    status, err = cli.main(["--quiet", "--resume", str(run)]), capsys.readouterr().err
+    assert status == 2
+    assert f"--resume {run}" in err
+    assert not (run / ".lock").exists()  # refused before the run directory was locked
+
+
+def _signal_after(out: Path, stage: str, sig: signal.Signals, *args: str) -> tuple[int, str]:
+    """Start the run, send ``sig`` as soon as ``stage`` is marked done; (exit status, stderr)."""
+    process = subprocess.Popen(_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while stage not in _done_stages(out):
+            assert process.poll() is None, f"the run ended (status {process.returncode}) before {stage} was done"
+            assert time.monotonic() < deadline, f"{stage} not done in time"
+            time.sleep(0.02)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, err
+
+
+def test_sigterm_stops_like_sigint_with_status_143_and_resume_finishes(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    status, err = _signal_after(out, "pool0", signal.SIGTERM, "--out", str(out))
+    assert status == 143, err[-3000:]
+    assert "utilgen: terminated (SIGTERM); continue with: python -m utilgen.run --resume" in err
+    assert str(out) in err
+    assert "Traceback" not in err
+    assert "report" not in _done_stages(out)
+    result = subprocess.run(_command("--resume", str(out)), capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(_done_stages(out)) == set(STAGES)
+    assert (out / "evaluation.json").read_bytes() == (smoke_run / "evaluation.json").read_bytes()

@@ -1,12 +1,19 @@
-"""The run directory: manifest bookkeeping, output digests, stage keys."""
+"""The run directory: manifest bookkeeping, output digests, stage keys, the lock."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from utilgen.rundir import RunDirectory, RunDirectoryError, output_digest, stage_key
+from utilgen.rundir import RunDirectory, RunDirectoryError, RunDirectoryLocked, output_digest, stage_key
 
 
 def test_create_refuses_a_non_empty_directory(tmp_path):
@@ -88,3 +95,55 @@ def test_foreign_manifest_is_rejected(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(RunDirectoryError, match="not valid JSON"):
         RunDirectory.open(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the lock
+
+_HOLD = """
+import sys, time
+from utilgen.rundir import RunDirectory
+RunDirectory.open(sys.argv[1], lock=True)
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def _hold_lock_in_a_subprocess(path: Path) -> subprocess.Popen:
+    """A process that holds ``path``'s lock until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_locked_run_directory_refuses_a_second_holder_and_names_the_first(tmp_path):
+    first = RunDirectory.create(tmp_path / "run", {"a": 1}, lock=True)
+    # a second open file description of the same file conflicts, even within one process
+    with pytest.raises(
+        RunDirectoryLocked, match=re.escape(f"in use by pid {os.getpid()} on host {socket.gethostname()},")
+    ):
+        RunDirectory.open(tmp_path / "run", lock=True)
+    with pytest.raises(RunDirectoryLocked, match="--resume"):  # --out on it names the holder, not "not empty"
+        RunDirectory.create(tmp_path / "run", {"a": 1}, lock=True)
+    RunDirectory.open(tmp_path / "run")  # reading without the lock stays possible
+    first.release()
+    RunDirectory.open(tmp_path / "run", lock=True).release()
+
+
+def test_a_lock_file_alone_does_not_make_a_directory_non_empty(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("")  # left by an earlier create that was refused after locking
+    RunDirectory.create(tmp_path / "run", {}, lock=True).release()
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    RunDirectory.create(tmp_path / "run", {})
+    holder = _hold_lock_in_a_subprocess(tmp_path / "run")
+    try:
+        with pytest.raises(RunDirectoryLocked, match=f"pid {holder.pid} "):
+            RunDirectory.open(tmp_path / "run", lock=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "run" / ".lock").exists()  # the file stays behind, and does not block
+    RunDirectory.open(tmp_path / "run", lock=True).release()

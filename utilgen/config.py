@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,40 @@ def _one_of(section: str, key: str, value: str, choices: tuple[str, ...]) -> Non
     _require(value in choices, f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
+# Range checks of a section's fields, each naming the key. Floats must also be finite: a learning rate of
+# inf or 1e300 (or a NaN) passes "> 0" and only fails stages later, as a NaN loss or a raw traceback.
+# "Finite" is float32's: the stages compute in float32 (or narrower), where anything above its largest value,
+# 1e300 say, is already inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def _at_least(config: Any, section: str, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _require(value >= minimum, f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def _positive_finite(config: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _require(_finite(value) and value > 0, f"{section}.{name} must be > 0 and finite (float32), got {value}")
+
+
+def _non_negative_finite(config: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _require(_finite(value) and value >= 0, f"{section}.{name} must be >= 0 and finite (float32), got {value}")
+
+
+def _seed(section_key: str, value: int) -> None:
+    # numpy's default_rng (the splits) refuses negative seeds; one rule for every seed keeps them interchangeable
+    _require(value >= 0, f"{section_key} must be >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "embedded"  # "embedded" (the Fashion-MNIST subset shipped with utilgen) or an ImageFolder path
@@ -50,10 +85,16 @@ class DataConfig:
         _require(self.source != "", "data.source is empty: give --data PATH (an ImageFolder) or use 'embedded'")
         _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _require(self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}")
+        _require(self.shots_per_class >= 1, f"data.shots_per_class must be >= 1, got {self.shots_per_class}")
         _require(
-            self.shots_per_class >= 1 and self.meta_per_class >= 1,
-            "data.shots_per_class and data.meta_per_class must be >= 1 (TODV needs a meta set)",
+            self.meta_per_class >= 1,
+            f"data.meta_per_class must be >= 1 (TODV needs a meta set), got {self.meta_per_class}",
         )
+        _require(
+            self.test_per_class is None or self.test_per_class >= 1,
+            f"data.test_per_class must be >= 1 or none (none: every remaining image), got {self.test_per_class}",
+        )
+        _seed("data.split_seed", self.split_seed)
 
 
 @dataclass(frozen=True)
@@ -70,7 +111,15 @@ class GeneratorConfig:
         _one_of("generator", "kind", self.kind, ("embedded", "stable-diffusion"))
         _one_of("generator", "dtype", self.dtype, ("float32", "float16", "bfloat16"))
         _one_of("generator", "attention", self.attention, ("auto", "xformers", "sdpa", "plain"))
-        _require(self.steps >= 1 and self.batch_size >= 1, "generator.steps and generator.batch_size must be >= 1")
+        _at_least(self, "generator", ("steps", "batch_size"), 1)
+        # eps = eps_null + s * (eps_cond - eps_null): s = 1 is the conditional model alone (no guidance); below 1
+        # the unconditional model takes over and at 0 the images ignore their class, so every pool would be
+        # labelled by a class its images do not show, a wrong result that exits 0.
+        _require(
+            _finite(self.guidance_scale) and self.guidance_scale >= 1,
+            "generator.guidance_scale must be >= 1 and finite (1: the conditional model alone, no guidance), "
+            f"got {self.guidance_scale}",
+        )
 
 
 @dataclass(frozen=True)
@@ -82,10 +131,9 @@ class TokensConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        _require(
-            self.steps >= 0 and self.batch_size >= 1 and self.lr > 0,
-            "tokens.steps must be >= 0, tokens.batch_size >= 1 and tokens.lr > 0",
-        )
+        _at_least(self, "tokens", ("steps",), 0)
+        _at_least(self, "tokens", ("batch_size",), 1)
+        _positive_finite(self, "tokens", ("lr",))
 
 
 @dataclass(frozen=True)
@@ -94,8 +142,8 @@ class SyntheticConfig:
     multiple: float = 5.0  # |D_g| = multiple x |D_r| for the plain and the UtilGen pool (the paper's 5x)
 
     def __post_init__(self) -> None:
-        _require(self.first_pool_per_class >= 1, "synthetic.first_pool_per_class must be >= 1")
-        _require(self.multiple > 0, f"synthetic.multiple must be > 0, got {self.multiple}")
+        _at_least(self, "synthetic", ("first_pool_per_class",), 1)
+        _positive_finite(self, "synthetic", ("multiple",))
 
 
 # The choices of a few stage settings, here so that a bad value fails before torch is even imported.
@@ -128,11 +176,14 @@ class ValuationConfig:
     normalize_weights: bool = True  # batch mean 1, as Meta-Weight-Net's code (docs/method.md, "TODV")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"):
-            _require(getattr(self, name) >= 1, f"valuation.{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "valuation", ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"), 1)
         _require(self.meta_every >= 0, f"valuation.meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
-        _require(self.inner_lr > 0 and self.meta_lr > 0, "valuation.inner_lr and valuation.meta_lr must be > 0")
+        _positive_finite(self, "valuation", ("inner_lr", "meta_lr"))
+        _non_negative_finite(self, "valuation", ("weight_decay", "meta_weight_decay"))
+        # SGD accepts momentum >= 1, but then the step never decays: the classifier's weights run away
+        _require(0 <= self.momentum < 1, f"valuation.momentum must lie in [0, 1), got {self.momentum}")
         object.__setattr__(self, "features", tuple(self.features))
+        _require(len(self.features) >= 1, "valuation.features needs at least one feature (e.g. loss)")
 
 
 @dataclass(frozen=True)
@@ -162,12 +213,15 @@ class MLCOConfig:
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, f"mlco.rounds must be >= 0, got {self.rounds}")
         _require(self.candidates_per_class >= 2, "mlco.candidates_per_class must be >= 2 (a pair needs two)")
-        _require(self.pairs_per_class >= 1, "mlco.pairs_per_class must be >= 1")
-        for name in ("steps", "batch_pairs", "lora_rank", "log_every"):
-            _require(getattr(self, name) >= 1, f"mlco.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("beta", "lr", "lora_alpha", "max_grad_norm"):
-            _require(getattr(self, name) > 0, f"mlco.{name} must be > 0, got {getattr(self, name)}")
+        _at_least(self, "mlco", ("pairs_per_class", "steps", "batch_pairs", "lora_rank", "log_every"), 1)
+        _positive_finite(self, "mlco", ("beta", "lr", "lora_alpha"))
+        _non_negative_finite(self, "mlco", ("min_gap", "weight_decay"))
+        _require(  # inf is documented as "no clipping"; NaN would clip every gradient to NaN
+            self.max_grad_norm > 0, f"mlco.max_grad_norm must be > 0 (inf: no clipping), got {self.max_grad_norm}"
+        )
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        # Other module names are legitimate LoRA targets (proj_in, ff.net.0.proj, ...): peft checks they exist.
+        _require(len(self.target_modules) >= 1, "mlco.target_modules needs at least one module")
 
 
 @dataclass(frozen=True)
@@ -208,24 +262,23 @@ class ILPOConfig:
     def __post_init__(self) -> None:
         _one_of("ilpo", "noise_strategy", self.noise_strategy, NOISE_STRATEGIES)
         _one_of("ilpo", "drift", self.drift, DRIFTS)
-        for name in ("prompt_steps", "noise_steps", "grad_steps"):
-            _require(getattr(self, name) >= 0, f"ilpo.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("patience", "batch_size"):
-            _require(getattr(self, name) >= 1, f"ilpo.{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "ilpo", ("prompt_steps", "noise_steps", "grad_steps"), 0)
+        _at_least(self, "ilpo", ("patience", "batch_size"), 1)
+        _positive_finite(self, "ilpo", ("prompt_lr", "noise_lr"))
+        # The re-denoising guidances may go below 1 (the inversion step is often run unconditional, at 0); the
+        # class comes from the final sampler's generator.guidance_scale, checked >= 1 there.
+        _non_negative_finite(self, "ilpo", ("redenoise_high_guidance", "redenoise_low_guidance"))
+        _non_negative_finite(self, "ilpo", ("drift_weight", "clip_weight", "min_improvement"))
         _require(
             self.noise_grad_steps is None or self.noise_grad_steps >= 1,
             f"ilpo.noise_grad_steps must be >= 1 or none, got {self.noise_grad_steps}",
         )
         _require(
-            self.drift_weight >= 0 and self.clip_weight >= 0 and self.min_improvement >= 0,
-            "ilpo.drift_weight, ilpo.clip_weight and ilpo.min_improvement must be >= 0",
+            self.embed_max_distance is None or (_finite(self.embed_max_distance) and self.embed_max_distance > 0),
+            f"ilpo.embed_max_distance must be > 0 and finite, or none (no bound), got {self.embed_max_distance}",
         )
         _require(
-            self.embed_max_distance is None or self.embed_max_distance > 0,
-            f"ilpo.embed_max_distance must be positive or none, got {self.embed_max_distance}",
-        )
-        _require(
-            self.repair_quantile is None or 0 < self.repair_quantile <= 1,
+            self.repair_quantile is None or 0 < self.repair_quantile <= 1,  # NaN fails both comparisons
             f"ilpo.repair_quantile must lie in (0, 1] or be none, got {self.repair_quantile}",
         )
 
@@ -252,8 +305,10 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) >= 1, "evaluation.seeds needs at least one seed")
-        _require(self.steps >= 1 and self.batch_size >= 1, "evaluation.steps and evaluation.batch_size must be >= 1")
-        _require(self.lr > 0, f"evaluation.lr must be > 0, got {self.lr}")
+        for seed in self.seeds:
+            _seed("evaluation.seeds", seed)
+        _at_least(self, "evaluation", ("steps", "batch_size"), 1)
+        _positive_finite(self, "evaluation", ("lr",))
 
 
 @dataclass(frozen=True)
@@ -264,6 +319,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _require(self.threads is None or self.threads >= 1, f"run.threads must be >= 1 or none, got {self.threads}")
+        _seed("run.seed", self.seed)
+        _require(self.device != "", "run.device is empty: use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)

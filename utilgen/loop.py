@@ -177,21 +177,18 @@ def _run_args(ctx: RunContext) -> dict:  # the stage functions' seed, device and
 
 
 def learn_tokens(generator: Generator, ctx: RunContext) -> torch.Tensor:
-    """Textual inversion: each class's tokens learned from its real shots."""
-    from utilgen.generator import learn_class_tokens
+    """Textual inversion: each class's tokens learned from its real shots (the tokens section as is)."""
+    from utilgen.generator.textual_inversion import TokensDivergedError, learn_class_tokens
 
-    train, tokens = ctx.real.train, ctx.cfg.tokens
+    train, settings = ctx.real.train, dataclasses.asdict(ctx.cfg.tokens)
     images = resize_images(train.images, generator.image_size)
-    return learn_class_tokens(
-        generator,
-        images,
-        train.labels,
-        steps=tokens.steps,
-        lr=tokens.lr,
-        batch_size=tokens.batch_size,
-        seed=ctx.cfg.run.seed,
-        progress=ctx.progress,
-    ).cpu()
+    try:
+        tokens = learn_class_tokens(
+            generator, images, train.labels, **settings, seed=ctx.cfg.run.seed, progress=ctx.progress
+        )
+    except TokensDivergedError as error:
+        raise StageError(f"{error}. Lower tokens.lr and resume: --resume DIR --set tokens.lr=...") from error
+    return tokens.cpu()
 
 
 def instance_list(num_classes: int, per_class: int, run_seed: int, pool: str, *, offset: int = 0):

@@ -26,6 +26,7 @@ def preflight(cfg: Config, directory: Path, resuming: bool) -> tuple[torch.devic
     """(device, data) once every check passed; see the module docstring."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    check_run_directory_outside_data(cfg, directory, resuming)
     device = resolve_device(cfg.run.device)
     check_names(cfg, device)
     if cfg.generator.kind == "stable-diffusion":
@@ -49,6 +50,23 @@ def preflight(cfg: Config, directory: Path, resuming: bool) -> tuple[torch.devic
             f"{needed / 2**20:.0f} MiB and {available / 2**20:.0f} MiB are free"
         )
     return device, data
+
+
+def check_run_directory_outside_data(cfg: Config, directory: Path, resuming: bool) -> None:
+    """The run directory is not inside the ImageFolder: there it would read as one more class folder,
+    so the run could not be resumed and every later run on that data would fail. Real paths are compared,
+    so a symlink or ``..`` cannot hide it."""
+    if cfg.data.source == "embedded":
+        return
+    data = Path(cfg.data.source).resolve()
+    run = directory.resolve()
+    if run == data or data in run.parents:
+        option = "--resume" if resuming else "--out"
+        raise ConfigError(
+            f"the run directory {option} {directory} (really {run}) is inside the data directory --data "
+            f"{cfg.data.source} (really {data}), where it would be read as a class folder; "
+            "put the run directory outside the data"
+        )
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -2,19 +2,23 @@
 
 ``--help`` and configuration errors answer without importing torch; torch and the extension
 load only for the work that needs them. Exit status: 0 done, 1 a stage stopped (a non-finite
-loss; resumable), 2 bad input (nothing written), 130 interrupted (resumable).
+loss; resumable), 2 bad input (nothing written; also: another process holds the run directory),
+130 interrupted by SIGINT, 143 stopped by SIGTERM (both resumable, with the same message).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-EXIT_STAGE_STOPPED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_STAGE_STOPPED, EXIT_BAD_INPUT = 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + the signal: what shells and batch schedulers expect
 
 log = logging.getLogger("utilgen")
 
@@ -27,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(class tokens, TODV, MLCO, ILPO, evaluation against real-only and plain generation) on the "
             "embedded Fashion-MNIST task, in minutes on a CPU."
         ),
-        epilog="Exit status: 0 done; 1 a stage stopped (resume with --resume); 2 bad input; 130 interrupted.",
+        epilog="Exit status: 0 done; 1 a stage stopped (resume with --resume); 2 bad input; "
+        "130 interrupted (SIGINT), 143 terminated (SIGTERM): resume with --resume.",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -73,16 +78,48 @@ def main(argv: list[str] | None = None) -> int:
         return list_keys()
     from utilgen.config import ConfigError
 
-    try:
+    with sigterm_as_interrupt():
         try:
-            config, directory = resolve(args)
-        except (ConfigError, ValueError, OSError) as error:
-            return bad_input(error)
-        configure_logging(args)
-        return execute(config, directory, resuming=args.resume is not None, quiet=args.quiet)
-    except KeyboardInterrupt:
-        print("\nutilgen: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            try:
+                config, directory = resolve(args)
+            except (ConfigError, ValueError, OSError) as error:
+                return bad_input(error)
+            configure_logging(args)
+            return execute(config, directory, resuming=args.resume is not None, quiet=args.quiet)
+        except KeyboardInterrupt as error:
+            print(f"\nutilgen: {interruption(error)}", file=sys.stderr)
+            return interrupted_status(error)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the run is. Batch schedulers and torchrun stop a job with SIGTERM; as a
+    KeyboardInterrupt it unwinds exactly like Ctrl-C (atomic writes clean up, the resume hint prints)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises ``Terminated``; the previous handler is restored after it."""
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruption(error: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+
+
+def interrupted_status(error: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
 
 
 # ---------------------------------------------------------------------------------- config
@@ -155,15 +192,42 @@ def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
     from utilgen.config import ConfigError
 
     try:
-        from utilgen import loop
-        from utilgen.preflight import describe_plan, preflight
-        from utilgen.rundir import RunDirectory, RunDirectoryError
+        from utilgen import loop  # noqa: F401  (imported here so a broken install is bad input, not a traceback)
+        from utilgen.preflight import preflight
+        from utilgen.rundir import RunDirectoryError
 
         device, data = preflight(config, directory, resuming)
-        run_dir = RunDirectory.open(directory) if resuming else RunDirectory.create(directory, config.to_dict())
-        run_dir.write_config(config.to_dict())
+        run_dir = claim_run_directory(config, directory, resuming)
     except (ConfigError, ValueError, OSError, RuntimeError, ImportError, RunDirectoryError) as error:
-        return bad_input(error)  # ConfigError, ImageFolderError, the SD directory check: nothing written yet
+        # ConfigError, ImageFolderError, the SD directory check, another process's lock: nothing written yet
+        return bad_input(error)
+    try:
+        return run_stages(config, run_dir, data, device, resuming=resuming, quiet=quiet)
+    finally:
+        run_dir.release()  # the process may go on (main() called from Python): let the next run in
+
+
+def claim_run_directory(config, directory: Path, resuming: bool):
+    """The run directory, locked against a second process for as long as this run lasts (rank 0's job)."""
+    from utilgen.rundir import RunDirectory
+
+    if resuming:
+        run_dir = RunDirectory.open(directory, lock=True)
+    else:
+        run_dir = RunDirectory.create(directory, config.to_dict(), lock=True)
+    try:
+        run_dir.write_config(config.to_dict())
+    except BaseException:
+        run_dir.release()
+        raise
+    return run_dir
+
+
+def run_stages(config, run_dir, data, device, *, resuming: bool, quiet: bool) -> int:
+    from utilgen import loop
+    from utilgen.config import ConfigError
+    from utilgen.preflight import describe_plan
+
     file_log = logging.FileHandler(run_dir.path / "run.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
@@ -180,9 +244,12 @@ def execute(config, directory: Path, *, resuming: bool, quiet: bool) -> int:
             file=sys.stderr,
         )
         return EXIT_STAGE_STOPPED
-    except KeyboardInterrupt:
-        print(f"\nutilgen: interrupted; continue with: python -m utilgen.run --resume {run_dir.path}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as error:
+        print(
+            f"\nutilgen: {interruption(error)}; continue with: python -m utilgen.run --resume {run_dir.path}",
+            file=sys.stderr,
+        )
+        return interrupted_status(error)
     except (ConfigError, ValueError) as error:  # a check that only a stage could make; the finished stages are kept
         return bad_input(error)
     print_summary(metrics, run_dir.path)

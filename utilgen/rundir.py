@@ -9,14 +9,21 @@ key is a hash of the config sections it reads chained with the key of the stage 
 
 Writes are atomic (``utilgen.io``); the manifest is rewritten after each stage, so a run
 killed at any moment shows exactly the stages that finished.
+
+One process at a time: the command line opens or creates the directory with ``lock=True``, which
+holds an exclusive ``fcntl.flock`` on ``.lock`` for the life of the run (``RunLock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,90 @@ from utilgen.io import atomic_write_json, file_sha256
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
+LOCK = ".lock"  # hidden: directory digests skip dot-files, and an otherwise empty directory still counts as empty
 _FORMAT = "utilgen.run/1"
 
 
 class RunDirectoryError(ValueError):
     """The directory is not a usable run directory (missing, not a run, or holding another run)."""
+
+
+class RunDirectoryLocked(RunDirectoryError):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``DIR/.lock``, held for as long as this object keeps the file open.
+
+    The kernel drops a flock when its holder dies, however it dies, so a lock file left behind never
+    blocks a later run; the file itself is never deleted, because deleting it would let two processes
+    lock two different files of the same name. The file holds the holder's pid, host, start time and
+    command, for the message the next process prints. In a multi-process run only rank 0 takes the
+    lock (the other ranks would conflict with it); it covers the whole run because rank 0 outlives it.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirectoryLocked(locked_message(directory)) from None
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._write_holder()
+
+    def _write_holder(self) -> None:
+        # In place, not an atomic replace: a new inode would not carry the lock.
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": shlex.join([sys.executable, *sys.argv]),
+        }
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(holder).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def is_locked(directory: Path) -> bool:
+    """True while a live process holds ``directory``'s lock (probed with a lock taken and dropped at once)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY)  # read-only: the probe must not touch the holder's record
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def describe_holder(directory: Path) -> str:
+    try:
+        holder = json.loads((directory / LOCK).read_text())
+        return (
+            f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}, running: {holder['command']}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # caught between its truncate and its write
+        return "another process (it has not recorded itself yet)"
+
+
+def locked_message(directory: Path) -> str:
+    return (
+        f"run directory {directory} is in use by {describe_holder(directory)}; two processes on one run "
+        "directory overwrite each other's stages. Wait for it to finish (or stop it) and then --resume, "
+        "or give this run another --out"
+    )
 
 
 def output_digest(path: Path) -> str:
@@ -58,33 +144,54 @@ def stage_key(previous_key: str, settings: Any) -> str:
 class RunDirectory:
     """One run's directory: config, manifest, stage outputs."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, lock: RunLock | None = None):
         self.path = Path(path)
-        self.manifest = self._read_manifest()
+        self.lock = lock
+        self.manifest = self._read_manifest()  # read under the lock, so no other process is rewriting it
+
+    def release(self) -> None:
+        """Let another process open the directory (also happens when this process ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ creating and opening
 
     @classmethod
-    def create(cls, path: str | os.PathLike, config: dict) -> RunDirectory:
-        """A new run directory at ``path`` (absent or empty) holding ``config.json`` and an empty manifest."""
+    def create(cls, path: str | os.PathLike, config: dict, *, lock: bool = False) -> RunDirectory:
+        """A new run directory at ``path`` (absent or empty) holding ``config.json`` and an empty manifest.
+
+        ``lock=True``: hold the directory's ``RunLock`` (see ``RunLock``) until ``release()`` or exit.
+        """
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            hint = " (it holds a run: continue it with --resume)" if (path / MANIFEST).exists() else ""
-            raise RunDirectoryError(f"output directory {path} exists and is not empty{hint}; choose another --out")
+        check_empty(path)  # before mkdir: a refused directory is left as it was
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path / CONFIG, config)
-        atomic_write_json(path / MANIFEST, {"format": _FORMAT, "stages": {}})
-        return cls(path)
+        held = RunLock(path) if lock else None
+        try:
+            check_empty(path)  # again under the lock: another process may have started a run here meanwhile
+            atomic_write_json(path / CONFIG, config)
+            atomic_write_json(path / MANIFEST, {"format": _FORMAT, "stages": {}})
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        return cls(path, held)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> RunDirectory:
+    def open(cls, path: str | os.PathLike, *, lock: bool = False) -> RunDirectory:
+        """An existing run directory; ``lock=True`` as in ``create``."""
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / MANIFEST).is_file():
             raise RunDirectoryError(
                 f"{path} is not a utilgen run directory (no {CONFIG} and {MANIFEST}); "
                 "--resume takes the --out directory of an earlier run"
             )
-        return cls(path)
+        held = RunLock(path) if lock else None
+        try:
+            return cls(path, held)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
 
     def read_config(self) -> dict:
         return json.loads((self.path / CONFIG).read_text())
@@ -149,6 +256,18 @@ class RunDirectory:
 
     def seconds(self) -> dict[str, float]:
         return {name: entry["seconds"] for name, entry in self.manifest["stages"].items() if entry["status"] == "done"}
+
+
+def check_empty(path: Path) -> None:
+    """``path`` is absent or an empty directory (a lock file alone counts as empty), else RunDirectoryError."""
+    if not path.exists():
+        return
+    if path.is_dir() and all(entry.name == LOCK for entry in path.iterdir()):
+        return
+    if path.is_dir() and is_locked(path):
+        raise RunDirectoryLocked(locked_message(path))
+    hint = " (it holds a run: continue it with --resume)" if (path / MANIFEST).exists() else ""
+    raise RunDirectoryError(f"output directory {path} exists and is not empty{hint}; choose another --out")
 
 
 def free_bytes(path: Path) -> int:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from utilgen import adaptation
 from utilgen.adaptation.mlco import prepare_round
@@ -20,7 +20,7 @@ from utilgen.config import Config, MLCOConfig, ValuationConfig
 from utilgen.data import Splits, SyntheticPool
 from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate
 from utilgen.generator import Generator
-from utilgen.io import atomic_write_bytes, atomic_write_json
+from utilgen.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from utilgen.rundir import RunDirectory
 from utilgen.stages import StageError
 from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
@@ -34,7 +34,7 @@ def save_tokens(directory: RunDirectory, tokens: torch.Tensor, steps: int) -> No
             f"textual inversion diverged: the class tokens hold NaN/inf after {steps} steps. "
             "Lower tokens.lr and resume: --resume DIR --set tokens.lr=..."
         )
-    atomic_write_bytes(directory.path / TOKENS, save({"class_tokens": tokens.detach().float().cpu().contiguous()}))
+    atomic_write_bytes(directory.path / TOKENS, safetensors_bytes({"class_tokens": tokens.float()}))
 
 
 def load_tokens(directory: RunDirectory, device: torch.device) -> torch.Tensor:

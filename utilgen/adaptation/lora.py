@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from utilgen.config import LORA_TARGET_MODULES
-from utilgen.io import atomic_write_bytes
+from utilgen.io import atomic_write_bytes, safetensors_bytes
 
 ADAPTER_NAME = "mlco"
 _FORMAT = "utilgen.mlco_adapters/1"
@@ -125,9 +124,9 @@ def save_adapters(denoiser: nn.Module, path: str | os.PathLike) -> Path:
     params = adapter_parameters(denoiser)
     if not params:
         raise ValueError(f"the denoiser has no {ADAPTER_NAME!r} adapter to save")
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
+    tensors = {name: p.float() for name, p in params.items()}
     header = {"format": _FORMAT, "settings": json.dumps(_settings(denoiser))}
-    return atomic_write_bytes(path, save_safetensors(tensors, metadata=header))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, header))
 
 
 def load_adapters(denoiser: nn.Module, path: str | os.PathLike) -> dict[str, nn.Parameter]:

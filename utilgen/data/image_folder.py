@@ -4,14 +4,16 @@
   position in that list. Pass ``class_names`` (the list saved with a run) to
   demand exactly those folders on resume.
 - Hidden files and folders (name starting with ".") are ignored; so are plain
-  files directly under ``root`` (listed in the report).
-- Every other file must decode: ``verify()`` then a full ``load()``, so a
+  files directly under ``root`` (listed in the report), and, as torchvision's
+  ImageFolder does, files in class folders whose extension is not one Pillow
+  opens (``README.txt``, ``Thumbs.db``; listed in the report, their count logged).
+- Every file with an image extension must decode: ``verify()`` then a full ``load()``, so a
   truncated file is an error, never a silently grey-padded image (Pillow's
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False, its default).
 - Images are converted to 8-bit L (channels=1) or RGB (channels=3), then
   resized with ``images.RESIZE_FILTER`` (bicubic, antialiased) to
   image_size x image_size.
-- Problems (undecodable or truncated files, unreadable paths, empty classes)
+- Problems (undecodable or truncated image files, unreadable paths, empty classes)
   raise ``ImageFolderError`` listing all of them; with ``on_error="skip"`` the
   bad files are skipped, classes left empty are dropped, and both are counted
   in the ``ImageFolderReport``.
@@ -19,6 +21,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,8 @@ from utilgen.data.images import RESIZE_FILTER_NAME, LabelledImages, resize_pil, 
 _MODES = {1: "L", 3: "RGB"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _MAX_LISTED = 50  # the exception message lists this many problems; ``problems`` holds them all
+
+log = logging.getLogger(__name__)
 
 
 class ImageFolderError(ValueError):
@@ -59,6 +65,7 @@ class ImageFolderReport:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     dropped_classes: list[str] = field(default_factory=list)  # empty after skipping (on_error="skip")
     ignored_root_files: list[str] = field(default_factory=list)  # plain files directly under root
+    ignored_files: list[str] = field(default_factory=list)  # files in class folders without an image extension
 
     @property
     def num_skipped(self) -> int:
@@ -75,6 +82,7 @@ class ImageFolderReport:
             "skipped_files": [{"path": path, "reason": reason} for path, reason in self.skipped_files],
             "dropped_classes": list(self.dropped_classes),
             "ignored_root_files": list(self.ignored_root_files),
+            "ignored_files": list(self.ignored_files),
         }
 
 
@@ -106,9 +114,11 @@ def load_image_folder(
         class_dirs = _match_frozen_classes(root, class_dirs, tuple(class_names))
 
     problems: list[tuple[str, str]] = []  # (path, reason) of files and folders that failed
+    ignored_files: list[str] = []
     files_per_class: dict[str, list[Path]] = {}
     for name, folder in class_dirs.items():
-        files_per_class[name] = _files_under(folder, problems)
+        files_per_class[name] = _image_files_under(folder, problems, ignored_files)
+    _log_ignored(root, ignored_files)
 
     pixels: list[np.ndarray] = []  # each (image_size, image_size[, 3]) uint8
     labels: list[int] = []
@@ -135,9 +145,10 @@ def load_image_folder(
 
     empty = [(str(class_dirs[name]), "class has no loadable images") for name in dropped]
     if (problems or empty) and on_error == "raise":
+        # The command line has no skip option, so the message offers it as the Python API's.
         raise ImageFolderError(
-            f"ImageFolder {root}: {len(problems)} problem(s). Fix or remove these files and folders, or pass "
-            "on_error='skip' to skip them (they are then counted in the report):",
+            f"ImageFolder {root}: {len(problems) + len(empty)} problem(s). Fix or remove these files and folders "
+            "(from Python, load_image_folder(..., on_error='skip') skips them and counts them in its report):",
             problems + empty,
         )
     if class_names is not None and dropped:
@@ -156,6 +167,7 @@ def load_image_folder(
         skipped_files=problems,
         dropped_classes=dropped,
         ignored_root_files=ignored_root_files,
+        ignored_files=ignored_files,
     )
     return data, report
 
@@ -191,8 +203,28 @@ def _match_frozen_classes(root: Path, found: dict[str, Path], expected: tuple[st
     return {name: found[name] for name in expected}
 
 
-def _files_under(folder: Path, problems: list[tuple[str, str]]) -> list[Path]:
-    """Non-hidden files below ``folder`` (recursively, symlinks followed once), sorted; listing errors -> problems."""
+@functools.cache
+def _image_extensions() -> frozenset[str]:
+    """Lower-case extensions (".png") of the formats Pillow can open (not the save-only ones such as ".pdf")."""
+    Image.init()  # registers every plugin, not only the few Pillow imports up front
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _log_ignored(root: Path, ignored_files: list[str]) -> None:
+    if ignored_files:
+        log.warning(
+            "ImageFolder %s: ignored %d file(s) without an image extension Pillow opens, e.g. %s",
+            root,
+            len(ignored_files),
+            ignored_files[0],
+        )
+
+
+def _image_files_under(folder: Path, problems: list[tuple[str, str]], ignored: list[str]) -> list[Path]:
+    """Non-hidden image files below ``folder`` (recursively, symlinks followed once), sorted.
+
+    Files without an image extension go to ``ignored``; listing errors to ``problems``.
+    """
     files: list[Path] = []
     seen_dirs: set[str] = set()
 
@@ -211,6 +243,8 @@ def _files_under(folder: Path, problems: list[tuple[str, str]]) -> list[Path]:
                 continue
             if entry.is_dir():
                 walk(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() not in _image_extensions():
+                ignored.append(entry.path)
             else:
                 files.append(Path(entry.path))  # dangling links too: they fail to open and get reported
 

@@ -10,6 +10,9 @@ On disk (``SyntheticPool.save``)::
 
 The class folders are numbered with zero padding, so their sorted order is
 label order and ``load_image_folder`` reads the tree with the same labels.
+Class names longer than 100 characters are cut in the folder name and get a
+hash of the full name (a file name holds at most 255 bytes); ``metadata.jsonl``
+and the header keep the full name.
 
 Atomicity: the pool is written into a hidden sibling folder, every file through
 ``utilgen.io`` (temp file + fsync + rename), ``metadata.jsonl`` last; only then
@@ -20,6 +23,7 @@ deleted after). A save that fails or is killed therefore never leaves a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -35,12 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from utilgen._describe import describe
 from utilgen.data.images import LabelledImages, subset_index, tensor_to_uint8, uint8_to_tensor
-from utilgen.io import atomic_write_bytes, atomic_write_jsonl
+from utilgen.io import atomic_write_bytes, atomic_write_jsonl, safetensors_bytes
 
 METADATA_FILE = "metadata.jsonl"
 TENSORS_FILE = "tensors.safetensors"
@@ -49,6 +52,9 @@ _FORMAT = "utilgen.synthetic_pool/1"
 _MODES = {1: "L", 3: "RGB"}
 _STAGE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # stages become part of file names
 _ROW_FIELDS = ("file", "label", "class_name", "seed", "round", "stage", "utility")
+# A class folder name is "<k>_<name>" and must fit the 255-byte limit of a file name: names longer
+# than this are cut and get a hash of the full name (which stays in metadata.jsonl and the header).
+_MAX_FOLDER_CLASS_CHARS = 100
 
 
 class SyntheticPoolError(ValueError):
@@ -273,11 +279,7 @@ class SyntheticPool:
                     "utility": None if math.isnan(utilities[i]) else utilities[i],
                 }
             )
-        tensors = {
-            name: value.detach().to("cpu").contiguous()
-            for name in ("prompt_embeds", "noises")
-            if (value := getattr(self, name)) is not None
-        }
+        tensors = {name: value for name in ("prompt_embeds", "noises") if (value := getattr(self, name)) is not None}
         header = {
             "format": _FORMAT,
             "class_names": json.dumps(list(self.class_names)),
@@ -356,9 +358,21 @@ class SyntheticPool:
 
 
 def class_folder_names(class_names: Sequence[str]) -> list[str]:
-    """Folder per class: zero-padded label + the name with unsafe characters as "_" ("0_t-shirt_top")."""
+    """Folder per class: zero-padded label + the name with unsafe characters as "_" ("0_t-shirt_top").
+
+    The label prefix keeps folders distinct when two names map to the same safe name.
+    """
     width = len(str(len(class_names) - 1))
-    return [f"{k:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}" for k, name in enumerate(class_names)]
+    return [f"{k:0{width}d}_{_safe_class_name(name)}" for k, name in enumerate(class_names)]
+
+
+def _safe_class_name(name: str) -> str:
+    """ASCII letters, digits, ".", "_" and "-" only; long names cut to a prefix + 8 hex digits of their hash."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    if len(safe) <= _MAX_FOLDER_CLASS_CHARS:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return f"{safe[: _MAX_FOLDER_CLASS_CHARS - 9]}-{digest}"
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from utilgen.data.images import resize_images
-from utilgen.io import atomic_write_bytes, atomic_write_json
+from utilgen.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from utilgen.models import WeightNet, build_classifier, per_sample_features
 
 FORMAT = "utilgen.valuation/1"
@@ -132,9 +131,9 @@ class Valuation:
         if self.classifier_name is None:
             raise ValueError("a Valuation with a custom classifier (classifier_name=None) cannot be rebuilt on load")
         directory = Path(directory)
-        tensors = {f"classifier.{k}": v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
-        tensors |= {f"weight_net.{k}": v.detach().cpu().contiguous() for k, v in self.weight_net.state_dict().items()}
-        atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors(tensors))
+        tensors = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
+        tensors |= {f"weight_net.{k}": v for k, v in self.weight_net.state_dict().items()}
+        atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors))
         hidden = self.weight_net.net[0].out_features
         atomic_write_json(
             directory / CONFIG_NAME,
