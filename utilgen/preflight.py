@@ -11,6 +11,7 @@ and compares the disk space the run plans to write with what is free. It raises
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ def preflight(cfg: Config, directory: Path, resuming: bool) -> tuple[torch.devic
         check_stable_diffusion(cfg, device)
     data = load_task_data(cfg)
     check_generator_fits_data(cfg, data)
+    data = in_generator_class_order(cfg, data)
     make_splits(
         data,
         shots_per_class=cfg.data.shots_per_class,
@@ -163,6 +165,45 @@ def check_generator_fits_data(cfg: Config, data: LabelledImages) -> None:
             f"Stable Diffusion makes RGB images; the data is read with {channels} "
             "channel(s): set data.channels=3 (or use --preset sd21)"
         )
+
+
+def _class_key(name: str) -> str:
+    """A class name compared without case, spaces or punctuation: "Ankle_Boot" and "ankle boot" agree."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def in_generator_class_order(cfg: Config, data: LabelledImages) -> LabelledImages:
+    """``data`` relabelled so that label k is the embedded generator's class k, matched by name.
+
+    An ImageFolder's labels follow its sorted folder names, but the embedded generator's class k is
+    Fashion-MNIST's class k: matching by position would label T-shirts "ankle boot" without an error.
+    Names are compared without case or punctuation ("T-shirt_top" is "t-shirt/top"); a folder named
+    "t-shirt" or "tshirt" also means "t-shirt/top". Anything that does not match is refused, naming it.
+    Stable Diffusion draws each class from its own name, so its data keeps the folder order.
+    """
+    if cfg.generator.kind != "embedded":
+        return data
+    from utilgen.data.fashion_mnist import CLASS_NAMES
+
+    wanted = {_class_key(name): k for k, name in enumerate(CLASS_NAMES)}
+    wanted["tshirt"] = wanted["tshirttop"]
+    order = [wanted.get(_class_key(name)) for name in data.class_names]  # data label -> generator class
+    unknown = [name for name, k in zip(data.class_names, order, strict=True) if k is None]
+    if unknown or len(set(order)) != len(order):
+        raise ConfigError(
+            f"the embedded generator makes Fashion-MNIST's classes ({', '.join(CLASS_NAMES)}); the data's "
+            f"class folders {', '.join(map(repr, unknown or data.class_names))} do not name them one to one "
+            "(case, spaces and punctuation are ignored). Rename the folders, or use --generator PATH "
+            "(a Stable Diffusion directory) for other classes"
+        )
+    if order == list(range(len(order))):
+        return data
+    to_generator = torch.tensor(order, dtype=torch.int64)
+    names = [""] * len(order)
+    for label, k in enumerate(order):
+        names[k] = data.class_names[label]
+    log.info("ImageFolder classes matched to the embedded generator's by name: %s", ", ".join(names))
+    return LabelledImages(data.images, to_generator[data.labels], tuple(names), data.sources)
 
 
 def planned_bytes(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:
