@@ -324,6 +324,7 @@ def test_non_finite_loss_stops_the_stage_and_resume_with_a_fix_finishes(tmp_path
     for name in ("splits", "tokens", "pool0", "plain"):  # reused, not recomputed
         assert resumed[name]["finished"] == manifest[name]["finished"]
     assert json.loads((out / "config.json").read_text())["valuation"]["inner_lr"] == 0.05
+    assert not (out / "valuation.partial").exists()  # it described the failure; the stage has since succeeded
 
 
 def test_config_file_may_name_the_preset(capsys, tmp_path, monkeypatch):
@@ -457,3 +458,27 @@ def test_sigterm_stops_like_sigint_with_status_143_and_resume_finishes(smoke_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(_done_stages(out)) == set(STAGES)
     assert (out / "evaluation.json").read_bytes() == (smoke_run / "evaluation.json").read_bytes()
+
+
+def test_quiet_keeps_the_terminal_quiet_and_run_log_complete(smoke_run):
+    log_text = (smoke_run / "run.log").read_text()  # the shared smoke run ran with --quiet
+    for stage in STAGES:
+        assert f"stage {stage}: done in" in log_text  # INFO lines reach the file whatever the terminal shows
+
+
+def test_device_names_utilgen_cannot_use(capsys, tmp_path):
+    for device, message in (("tpu", "is not a device"), ("meta", "utilgen runs on cpu or cuda")):
+        status, err = _main(capsys, "--device", device, "--out", str(tmp_path / "run"))
+        assert status == 2
+        assert f"run.device={device!r}" in err
+        assert message in err
+        assert "xpu" not in err  # not torch's list of every device type
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_section_in_a_config_file_names_the_file(capsys, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[mlcoo]\nrounds = 2\n")
+    status, err = _main(capsys, "--config", str(path), "--out", str(tmp_path / "run"))
+    assert status == 2
+    assert f"config file {path}: unknown config section 'mlcoo'" in err

@@ -50,6 +50,21 @@ def test_done_needs_status_key_and_intact_outputs(tmp_path):
     assert not reopened.is_done("stage", "k1")
 
 
+def test_a_rerun_for_a_changed_output_is_logged_naming_it(tmp_path, caplog):
+    run = RunDirectory.create(tmp_path / "run", {"a": 1})
+    (run.path / "out.json").write_text("{}")
+    run.mark_done("stage", "k1", ["out.json"], 1.5)
+    (run.path / "out.json").write_text('{"edited": true}')
+    with caplog.at_level("WARNING", logger="utilgen.rundir"):
+        assert not run.is_done("stage", "k1")
+    assert "stage stage runs again: its output out.json changed since the stage wrote it" in caplog.text
+    (run.path / "out.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="utilgen.rundir"):
+        assert not run.is_done("stage", "k1")
+    assert "out.json is missing" in caplog.text
+
+
 def test_failed_stage_is_not_done_and_keeps_its_message(tmp_path):
     run = RunDirectory.create(tmp_path / "run", {})
     run.mark_failed("valuation", "k", "loss is nan", 2.0)

@@ -407,6 +407,8 @@ def build_config(
     preset: str = "default",
     file_values: dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    file_name: str = "the config file",
 ) -> Config:
     """The resolved config: defaults <- preset <- ``file_values`` (nested dict) <- ``overrides`` ("a.b=v")."""
     if preset not in PRESETS:
@@ -417,8 +419,8 @@ def build_config(
         file_values = dict(file_values)
         file_preset = file_values.pop("preset", None)
         if file_preset is not None and file_preset != preset:
-            raise ConfigError(f"the config file names preset {file_preset!r}, the command line {preset!r}; use one")
-        _merge(values, file_values, origin="the config file")
+            raise ConfigError(f"{file_name} names preset {file_preset!r}, the command line {preset!r}; use one")
+        _merge(values, file_values, origin=file_name)
     for override in overrides:
         section, key, raw = _split_override(override)
         try:

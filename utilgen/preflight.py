@@ -74,7 +74,12 @@ def check_run_directory_outside_data(cfg: Config, directory: Path, resuming: boo
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # torch's message lists every device type it knows of
+        raise ConfigError(f"run.device={requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"run.device={requested!r}: utilgen runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device={requested!r} but torch sees no CUDA device here; use cpu or auto")
     return device

@@ -154,7 +154,8 @@ def resolve(args: argparse.Namespace):
     if args.data:
         shortcuts.append(f"data.source={Path(args.data).absolute()}")
     preset = args.preset or (file_values or {}).get("preset") or "default"
-    config = build_config(preset, file_values, shortcuts + list(args.overrides))
+    file_name = f"config file {args.config}" if args.config else "the config file"
+    config = build_config(preset, file_values, shortcuts + list(args.overrides), file_name=file_name)
     if config.generator.kind == "stable-diffusion" and not config.generator.path:
         raise ConfigError("the Stable Diffusion generator needs its directory: --generator PATH")
     if config.preset == "sd21" and config.data.source in ("", "embedded"):
@@ -180,8 +181,12 @@ def bad_input(error: BaseException) -> int:
 
 
 def configure_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """The terminal gets --log-level (WARNING under --quiet); run.log always gets INFO and up (``execute``)."""
+    console = logging.WARNING if args.quiet else getattr(logging, args.log_level)
+    logging.basicConfig(level=console, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(console)
+    logging.getLogger().setLevel(min(console, logging.INFO))
 
 
 # ---------------------------------------------------------------------------------- the run

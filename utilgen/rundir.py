@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from utilgen.io import atomic_write_json, file_sha256
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -221,6 +224,8 @@ class RunDirectory:
         for relative, digest in entry["outputs"].items():
             path = self.path / relative
             if not path.exists() or output_digest(path) != digest:
+                state = "is missing" if not path.exists() else "changed since the stage wrote it"
+                log.warning("stage %s runs again: its output %s %s", name, relative, state)
                 return False
         return True
 

@@ -9,6 +9,7 @@ had in a ``*.partial*`` file and raises ``StageError`` with the setting to chang
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,16 +56,19 @@ def load_pool(directory: RunDirectory, name: str) -> SyntheticPool:
 def fit_or_stop(
     real: Splits, synthetic: SyntheticPool, config: ValuationConfig, out: Path, *, seed: int, device, progress: bool
 ) -> Valuation:
-    """``fit_valuation``; on a non-finite loss the weights before that step go to ``<out>.partial``."""
+    """``fit_valuation``; on a non-finite loss the weights before that step go to ``<out>.partial``
+    (removed again once a later attempt succeeds: it describes a failure that no longer holds)."""
+    partial = out.with_name(out.name + ".partial")
     try:
-        return fit_valuation(real.train, synthetic, real.meta, config, seed=seed, device=device, progress=progress)
+        valuation = fit_valuation(real.train, synthetic, real.meta, config, seed=seed, device=device, progress=progress)
     except NonFiniteLossError as error:
-        partial = out.with_name(out.name + ".partial")
         error.valuation.save(partial)
         raise StageError(
             f"{error}. The weights before that step are in {partial}. Lower valuation.inner_lr "
             "or valuation.meta_lr and resume: --resume DIR --set valuation.inner_lr=..."
         ) from error
+    shutil.rmtree(partial, ignore_errors=True)
+    return valuation
 
 
 def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None:
@@ -98,16 +102,20 @@ def valued_pool_utilities(valuation_dir: Path) -> torch.Tensor:
 def train_dpo_or_stop(
     generator: Generator, pairs: adaptation.Pairs, config: MLCOConfig, out: Path, round_index: int, *, seed, progress
 ) -> adaptation.DPORoundResult:
-    """``train_dpo_round``; on a non-finite loss the adapter (back at its last finite weights) is kept."""
+    """``train_dpo_round``; on a non-finite loss the adapter (back at its last finite weights) is kept,
+    and removed again once a later attempt succeeds."""
+    partial = out.with_name(out.name + ".partial.safetensors")
     try:
-        return adaptation.train_dpo_round(
+        result = adaptation.train_dpo_round(
             generator, pairs, config, round_index=round_index - 1, seed=seed, progress=progress
         )
     except adaptation.DPONonFiniteError as error:
-        adaptation.save_adapters(generator.denoiser, out.with_name(out.name + ".partial.safetensors"))
+        adaptation.save_adapters(generator.denoiser, partial)
         raise StageError(
             f"{error}. Resume with a smaller step: --resume DIR --set mlco.lr=... (or mlco.beta=...)"
         ) from error
+    partial.unlink(missing_ok=True)
+    return result
 
 
 def replay_round(
