@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utilgen.data import ImageFolderError, load_embedded, load_image_folder
+from utilgen.data import ImageFolderError, load_embedded, load_image_folder, make_splits
 from utilgen.data.images import resize_uint8
 
 
@@ -121,7 +123,7 @@ def test_non_image_files_are_ignored_and_counted(folder, caplog):
     strays = [folder / "cat" / "README.txt", folder / "cat" / "sub" / "Thumbs.db", folder / "dog" / "LICENSE"]
     for stray in strays:
         stray.write_text("not an image")
-    _save(folder / "dog" / "upper.PNG", np.zeros((8, 8), dtype=np.uint8))  # extensions match in any case
+    _save(folder / "dog" / "upper.PNG", np.full((8, 8), 50, dtype=np.uint8))  # extensions match in any case
     with caplog.at_level("WARNING", logger="utilgen.data.image_folder"):
         _, report = load_image_folder(folder, image_size=8)
     assert report.counts == {"cat": 3, "dog": 3}
@@ -197,3 +199,110 @@ def test_bad_arguments(folder):
         load_image_folder(folder, image_size=8, on_error="ignore")
     with pytest.raises(ValueError, match="channels"):
         load_image_folder(folder, image_size=8, channels=4)
+
+
+# ---------------------------------------------------------------------------------- symlinks and duplicates
+
+
+def _outside_class(link: Path) -> str:
+    return f"symlink leads outside its class folder to {os.path.realpath(link)}; replace it with a copy or remove it"
+
+
+@pytest.mark.parametrize("target", ["..", "../..", "../cat"])  # the root, above the root, another class's folder
+def test_folder_link_out_of_its_class_is_refused_not_followed(folder, target):
+    loop = folder / "dog" / "loop"
+    loop.symlink_to(target)  # the bug report's bag/loop -> .. gave bag every image of every class
+    with pytest.raises(ImageFolderError, match=r"1 problem\(s\)") as info:
+        load_image_folder(folder, image_size=8)
+    assert info.value.problems == [(str(loop), _outside_class(loop))]
+    assert str(loop) in str(info.value)
+
+    data, report = load_image_folder(folder, image_size=8, on_error="skip")
+    assert report.counts == {"cat": 3, "dog": 2}  # dog keeps only its own two images
+    assert [Path(s).relative_to(folder).as_posix() for s in data.sources[3:]] == ["dog/a.png", "dog/b.png"]
+    assert report.skipped_files == [(str(loop), _outside_class(loop))]
+
+
+def test_file_link_into_another_class_is_refused(folder):
+    link = folder / "dog" / "c.png"
+    link.symlink_to(folder / "cat" / "b.png")
+    with pytest.raises(ImageFolderError) as info:
+        load_image_folder(folder, image_size=8)
+    assert info.value.problems == [(str(link), _outside_class(link))]
+    assert str(folder / "cat" / "b.png") in info.value.problems[0][1]
+    _, report = load_image_folder(folder, image_size=8, on_error="skip")
+    assert report.counts == {"cat": 3, "dog": 2}
+    assert report.num_skipped == 1
+
+
+def test_links_inside_the_class_or_out_of_the_root_are_followed(folder, tmp_path):
+    rng = np.random.default_rng(5)
+    full = tmp_path / "full"  # a full copy elsewhere; the data root is a subset made of links into it
+    outside_file = _save(full / "cat" / "x.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    for i in range(2):
+        _save(full / "bird" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (folder / "cat" / "x.png").symlink_to(outside_file)
+    (folder / "bird").symlink_to(full / "bird")  # a class folder that is itself a link
+    (folder / "cat" / "again").symlink_to("sub")  # inside the class: fine, and sub is still read once
+    (folder / "cat" / "self").symlink_to(".")  # a loop inside the class: read once
+    data, report = load_image_folder(folder, image_size=8)
+    assert report.counts == {"bird": 2, "cat": 4, "dog": 2}
+    assert report.num_skipped == 0
+    assert str(folder / "cat" / "x.png") in data.sources
+    assert sum(source.endswith("c.jpg") for source in data.sources) == 1
+
+    loop = full / "bird" / "loop"  # in a class folder that lies outside the root: still its class folder
+    loop.symlink_to("..")
+    with pytest.raises(ImageFolderError) as info:
+        load_image_folder(folder, image_size=8)
+    assert info.value.problems == [(str(folder / "bird" / "loop"), _outside_class(loop))]
+
+
+def test_identical_copies_within_a_class_load_once(folder, caplog):
+    shutil.copyfile(folder / "cat" / "a.png", folder / "cat" / "z.png")
+    (folder / "cat" / "sub" / "linked.png").symlink_to(folder / "cat" / "a.png")
+    with caplog.at_level("WARNING", logger="utilgen.data.image_folder"):
+        data, report = load_image_folder(folder, image_size=8)
+    assert report.counts == {"cat": 3, "dog": 2}
+    kept = str(folder / "cat" / "a.png")
+    assert report.duplicate_files == [
+        (str(folder / "cat" / "sub" / "linked.png"), kept),
+        (str(folder / "cat" / "z.png"), kept),
+    ]
+    assert report.to_dict()["duplicate_files"][1] == {"path": str(folder / "cat" / "z.png"), "duplicate_of": kept}
+    assert report.num_skipped == 0
+    assert data.sources.count(kept) == 1
+    assert "2 byte-identical duplicate file(s)" in caplog.text
+
+
+def test_identical_copy_in_another_class_is_refused(folder):
+    copy = folder / "dog" / "c.png"
+    shutil.copyfile(folder / "cat" / "a.png", copy)
+    reason = f"same content as {folder / 'cat' / 'a.png'} in class cat: one image cannot have two labels"
+    with pytest.raises(ImageFolderError, match=r"1 problem\(s\)") as info:
+        load_image_folder(folder, image_size=8)
+    assert info.value.problems == [(str(copy), reason)]
+    assert str(copy) in str(info.value)
+    assert str(folder / "cat" / "a.png") in str(info.value)
+    data, report = load_image_folder(folder, image_size=8, on_error="skip")
+    assert report.counts == {"cat": 3, "dog": 2}  # the later class loses it
+    assert report.skipped_files == [(str(copy), reason)]
+    assert str(copy) not in data.sources
+
+
+def test_duplicate_links_cannot_put_one_image_in_two_splits(tmp_path):
+    rng = np.random.default_rng(3)
+    for name in ("cat", "dog"):
+        for i in range(6):
+            _save(tmp_path / name / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+            (tmp_path / name / f"{i}-again.png").symlink_to(f"{i}.png")  # each image listed twice
+    data, report = load_image_folder(tmp_path, image_size=8, channels=1)
+    assert report.counts == {"cat": 6, "dog": 6}
+    assert len(report.duplicate_files) == 12
+    splits = make_splits(data, shots_per_class=2, meta_per_class=2, test_per_class=None, seed=0)
+    split_of: dict[bytes, str] = {}
+    for name in ("train", "meta", "test"):
+        for image in getattr(splits, name).images:
+            pixels = (image * 255).round().to(torch.uint8).numpy().tobytes()
+            assert split_of.setdefault(pixels, name) == name, f"one image in both {split_of[pixels]} and {name}"
+    assert len(split_of) == 12

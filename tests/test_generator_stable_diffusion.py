@@ -174,3 +174,24 @@ def test_plain_attention_gives_the_same_images(sd_dir, sd):
 def test_unknown_attention_is_rejected():
     with pytest.raises(ValueError, match="attention must be one of"):
         attention.resolve_attention("flash", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "reason"),
+    [
+        ("unet/diffusion_pytorch_model.safetensors", "truncate", "truncated or padded"),
+        ("vae/diffusion_pytorch_model.safetensors", "garbage", "not a safetensors file"),
+        ("text_encoder/config.json", "truncate", "is corrupt"),
+    ],
+)
+def test_corrupt_weights_and_configs_are_named_before_loading(sd_dir, tmp_path, file, damage, reason):
+    import shutil
+
+    broken = tmp_path / "sd"
+    shutil.copytree(sd_dir, broken)
+    target = broken / file
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    with pytest.raises(StableDiffusionDirectoryError, match=rf"{file}.*{reason}.*download or copy it again"):
+        check_directory(broken)
+    check_directory(sd_dir)  # the intact directory passes

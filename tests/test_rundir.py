@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from utilgen.rundir import RunDirectory, RunDirectoryError, RunDirectoryLocked, output_digest, stage_key
+from utilgen.rundir import (
+    DamagedRecordError,
+    RunDirectory,
+    RunDirectoryError,
+    RunDirectoryLocked,
+    output_digest,
+    recover,
+    stage_key,
+)
 
 
 def test_create_refuses_a_non_empty_directory(tmp_path):
@@ -110,6 +118,60 @@ def test_foreign_manifest_is_rejected(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(RunDirectoryError, match="not valid JSON"):
         RunDirectory.open(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [([], "'stages' is a list"), ({"tokens": {"status": "done"}}, "stage 'tokens' lacks its status, key")],
+)
+def test_a_manifest_of_the_wrong_shape_is_refused_with_the_recovery(tmp_path, stages, message):
+    run = RunDirectory.create(tmp_path / "run", {"a": 1})
+    (run.path / "manifest.json").write_text(json.dumps({"format": "utilgen.run/1", "stages": stages}))
+    with pytest.raises(DamagedRecordError, match=message) as caught:
+        RunDirectory.open(run.path)
+    assert f"--resume {run.path} --recover" in str(caught.value)
+
+
+def test_recover_restores_the_backups_and_keeps_the_damaged_files(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", {"a": 1})
+    (run.path / "out.txt").write_text("x")
+    run.mark_done("stage", "k", ["out.txt"], 1.0)
+    manifest = (run.path / "manifest.json").read_text()
+    (run.path / "manifest.json").write_text(manifest[:10])
+    (run.path / "config.json").unlink()
+    done = recover(run.path)
+    assert len(done) == 2
+    assert RunDirectory.open(run.path).is_done("stage", "k")
+    assert RunDirectory.open(run.path).read_config() == {"a": 1}
+    assert (run.path / "manifest.json.damaged").read_text() == manifest[:10]
+    assert recover(run.path) == []  # intact: nothing to do
+
+
+def test_recover_without_backups(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", {"a": 1})
+    for name in ("manifest.json", ".manifest.json.backup"):
+        (run.path / name).write_text("{")
+    assert "an empty manifest (every stage runs again)" in recover(run.path)[0]
+    assert RunDirectory.open(run.path).manifest["stages"] == {}
+    for name in ("config.json", ".config.json.backup"):
+        (run.path / name).unlink()
+    with pytest.raises(DamagedRecordError, match="cannot be recovered; start a new run"):
+        recover(run.path)
+
+
+def test_create_leaves_no_directory_when_it_cannot_write(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/x/.config.json.tmp")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(
+        RunDirectoryError, match=r"cannot write the run directory .*run: Read-only file system \(.*config.json\)"
+    ):
+        RunDirectory.create(tmp_path / "run", {"a": 1})
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ the lock

@@ -26,7 +26,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """Call ``write(file)`` on a temporary file, then move it to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise naming(error, path) from None
     try:
         # mkstemp creates 0600; give the file the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -35,10 +38,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except OSError as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise naming(error, path) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def naming(error: OSError, path: Path) -> OSError:
+    """``error`` about ``path``: the temporary file's name means nothing to a user (a read-only
+    directory, a full disk), and a write on a descriptor names no file at all. Same class and errno."""
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 def _read_umask() -> int:

@@ -41,6 +41,7 @@ from utilgen.evaluate import TrainingSet, joint
 from utilgen.generator import Generator, build_generator
 from utilgen.io import atomic_write_json
 from utilgen.metrics import collect_metrics
+from utilgen.preflight import planned_bytes
 from utilgen.rundir import RunDirectory
 from utilgen.stages import StageError, Stages
 from utilgen.valuation import Valuation
@@ -67,7 +68,7 @@ class RunContext:
 
 def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, progress: bool = True) -> dict:
     """Run (or resume) every stage of ``cfg`` in ``directory`` on ``data`` (checked by preflight); the metrics."""
-    stages = Stages(directory, cfg.run.seed)
+    stages = Stages(directory, cfg.run.seed, planned_bytes=planned_bytes(cfg, data))
     path = directory.path
 
     # The run seed keys the first stage, so through the chained keys it keys every stage.

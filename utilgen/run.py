@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="the run seed (run.seed)")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (run.device)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last completed stage")
+    run.add_argument(
+        "--recover",
+        action="store_true",
+        help="with --resume: put back the backup of a damaged config.json or manifest.json first "
+        "(the damaged file is kept as <name>.damaged; stages whose outputs still match are reused)",
+    )
     run.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
     output = parser.add_argument_group("output")
     output.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
@@ -130,7 +136,11 @@ def resolve(args: argparse.Namespace):
     from utilgen.config import ConfigError, build_config, config_from_dict, load_config_file
     from utilgen.rundir import RunDirectory
 
+    if args.recover and not args.resume:
+        raise ConfigError("--recover repairs an earlier run's records: use it with --resume DIR")
     if args.resume:
+        if args.recover:
+            recover_records(Path(args.resume))
         for option in ("preset", "config", "generator", "data", "seed", "out"):
             if getattr(args, option) is not None:
                 raise ConfigError(
@@ -162,6 +172,21 @@ def resolve(args: argparse.Namespace):
         raise ConfigError("the sd21 preset needs your data: --data PATH (an ImageFolder, PATH/<class>/<image>)")
     out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return config, out
+
+
+def recover_records(directory: Path) -> None:
+    """``--recover``: the damaged records of ``directory`` replaced by their backups, under the run's lock."""
+    from utilgen.rundir import RunLock, recover
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--resume {directory}: no such directory")
+    lock = RunLock(directory)
+    try:
+        repaired = recover(directory)
+    finally:
+        lock.release()
+    for line in repaired or [f"{directory}: config.json and manifest.json are intact; nothing to recover"]:
+        print(f"utilgen: {line}", file=sys.stderr)
 
 
 def list_keys() -> int:
@@ -228,12 +253,28 @@ def claim_run_directory(config, directory: Path, resuming: bool):
     return run_dir
 
 
+class RunLog(logging.FileHandler):
+    """``run.log``. When it cannot be written (a full disk) it says so once and goes quiet, instead of
+    printing logging's traceback for every later line; the terminal keeps the messages and the run goes on."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
+        error = sys.exc_info()[1]
+        print(f"utilgen: cannot write {self.baseFilename} ({error}); logging to the terminal only", file=sys.stderr)
+
+
 def run_stages(config, run_dir, data, device, *, resuming: bool, quiet: bool) -> int:
     from utilgen import loop
     from utilgen.config import ConfigError
     from utilgen.preflight import describe_plan
 
-    file_log = logging.FileHandler(run_dir.path / "run.log")
+    file_log = RunLog(run_dir.path / "run.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     if not quiet:
@@ -244,8 +285,7 @@ def run_stages(config, run_dir, data, device, *, resuming: bool, quiet: bool) ->
     except loop.StageError as error:
         print(f"utilgen: stopped: {error}", file=sys.stderr)
         print(
-            f"utilgen: the finished stages are kept; continue with: python -m utilgen.run --resume {run_dir.path} "
-            "--set KEY=VALUE",
+            f"utilgen: the finished stages are kept; continue with: python -m utilgen.run --resume {run_dir.path}",
             file=sys.stderr,
         )
         return EXIT_STAGE_STOPPED

@@ -167,15 +167,23 @@ class RunDirectory:
         """
         path = Path(path)
         check_empty(path)  # before mkdir: a refused directory is left as it was
-        path.mkdir(parents=True, exist_ok=True)
-        held = RunLock(path) if lock else None
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            held = RunLock(path) if lock else None
+        except OSError as error:
+            raise unwritable(path, error) from None
         try:
             check_empty(path)  # again under the lock: another process may have started a run here meanwhile
-            atomic_write_json(path / CONFIG, config)
-            atomic_write_json(path / MANIFEST, {"format": _FORMAT, "stages": {}})
-        except BaseException:
+            _write_with_backup(path / CONFIG, config)
+            _write_with_backup(path / MANIFEST, {"format": _FORMAT, "stages": {}})
+        except BaseException as error:
             if held is not None:
                 held.release()
+            if created and not isinstance(error, RunDirectoryLocked):  # nothing written: leave no directory
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise unwritable(path, error) from None
             raise
         return cls(path, held)
 
@@ -183,9 +191,9 @@ class RunDirectory:
     def open(cls, path: str | os.PathLike, *, lock: bool = False) -> RunDirectory:
         """An existing run directory; ``lock=True`` as in ``create``."""
         path = Path(path)
-        if not (path / CONFIG).is_file() or not (path / MANIFEST).is_file():
+        if not (path / CONFIG).is_file() and not backup_of(path / CONFIG).is_file():
             raise RunDirectoryError(
-                f"{path} is not a utilgen run directory (no {CONFIG} and {MANIFEST}); "
+                f"{path} is not a utilgen run directory (it has no {CONFIG}); "
                 "--resume takes the --out directory of an earlier run"
             )
         held = RunLock(path) if lock else None
@@ -197,22 +205,13 @@ class RunDirectory:
             raise
 
     def read_config(self) -> dict:
-        return json.loads((self.path / CONFIG).read_text())
+        return read_config(self.path / CONFIG)
 
     def write_config(self, config: dict) -> None:
-        atomic_write_json(self.path / CONFIG, config)
+        _write_with_backup(self.path / CONFIG, config)
 
     def _read_manifest(self) -> dict:
-        path = self.path / MANIFEST
-        if not path.exists():
-            return {"format": _FORMAT, "stages": {}}
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as error:  # atomic writes make this a foreign or hand-edited file
-            raise RunDirectoryError(f"{path} is not valid JSON ({error}); it was not written by utilgen") from error
-        if manifest.get("format") != _FORMAT:
-            raise RunDirectoryError(f"{path} has format {manifest.get('format')!r}, expected {_FORMAT!r}")
-        return manifest
+        return read_manifest(self.path / MANIFEST)
 
     # ------------------------------------------------------------------ stages
 
@@ -247,7 +246,7 @@ class RunDirectory:
             "outputs": output_hashes(self.path, outputs),
             **({"info": info} if info else {}),
         }
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        _write_with_backup(self.path / MANIFEST, self.manifest)
 
     def mark_failed(self, name: str, key: str, message: str, seconds: float) -> None:
         self.manifest["stages"][name] = {
@@ -257,7 +256,7 @@ class RunDirectory:
             "error": message,
             "outputs": {},
         }
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        _write_with_backup(self.path / MANIFEST, self.manifest)
 
     def seconds(self) -> dict[str, float]:
         return {name: entry["seconds"] for name, entry in self.manifest["stages"].items() if entry["status"] == "done"}
@@ -275,9 +274,136 @@ def check_empty(path: Path) -> None:
     raise RunDirectoryError(f"output directory {path} exists and is not empty{hint}; choose another --out")
 
 
+def unwritable(directory: Path, error: OSError) -> RunDirectoryError:
+    """A run directory that cannot be created or written, named as the user gave it (not a temporary file)."""
+    where = f" ({error.filename})" if error.filename and Path(error.filename) != directory else ""
+    return RunDirectoryError(
+        f"cannot write the run directory {directory}: {error.strerror or error}{where}; choose a writable --out"
+    )
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
     path = path.absolute()
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------------------------- the two records, checked
+
+# Each record is written twice, the file and then a hidden backup, both atomically. Atomic writes never
+# leave a half-written file, but a record can still be damaged from outside (a copy cut short, an edit,
+# a full disk under another tool): then ``--resume DIR --recover`` puts the backup back, and every stage
+# whose outputs still hash to what the backup recorded is reused.
+RECOVER_HINT = "python -m utilgen.run --resume {directory} --recover"
+
+
+def backup_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.backup")
+
+
+def _write_with_backup(path: Path, value: dict) -> None:
+    atomic_write_json(path, value)
+    atomic_write_json(backup_of(path), value)
+
+
+class DamagedRecordError(RunDirectoryError):
+    """``config.json`` or ``manifest.json`` cannot be read as utilgen wrote it; ``--recover`` may restore it."""
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedRecordError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise DamagedRecordError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_config(path: Path) -> dict:
+    """The run's saved config (a JSON object; its keys and values are checked by ``config_from_dict``)."""
+    try:
+        return _read_json_object(path)
+    except FileNotFoundError:
+        raise DamagedRecordError(f"{path} is missing") from None
+    except DamagedRecordError as error:
+        raise DamagedRecordError(f"{error}. {_recovery(path)}") from None
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest, with its shape checked: a hand-edited or damaged one is refused, never half-trusted."""
+    try:
+        manifest = _read_json_object(path)
+        _check_manifest(path, manifest)
+    except FileNotFoundError:
+        raise DamagedRecordError(f"{path} is missing. {_recovery(path)}") from None
+    except DamagedRecordError as error:
+        raise DamagedRecordError(f"{error}. {_recovery(path)}") from None
+    return manifest
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    if manifest.get("format") != _FORMAT:
+        raise DamagedRecordError(f"{path} has format {manifest.get('format')!r}, expected {_FORMAT!r}")
+    stages = manifest.get("stages")
+    if not isinstance(stages, dict):
+        raise DamagedRecordError(f"{path}: 'stages' is a {type(stages).__name__}, expected an object of stages")
+    for name, entry in stages.items():
+        if not (
+            isinstance(entry, dict)
+            and entry.get("status") in ("done", "failed")
+            and isinstance(entry.get("key"), str)
+            and isinstance(entry.get("seconds"), int | float)
+            and isinstance(entry.get("outputs"), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in entry["outputs"].items())
+        ):
+            raise DamagedRecordError(f"{path}: stage {name!r} lacks its status, key, seconds or output digests")
+
+
+def _recovery(path: Path) -> str:
+    command = RECOVER_HINT.format(directory=shlex.quote(str(path.parent)))
+    if path.name == CONFIG:
+        fallback = "without a backup the run's config is lost: start a new run with --out"
+    else:
+        fallback = "without a backup every stage runs again"
+    return (
+        f"utilgen writes it atomically, so it was changed from outside. Recover with: {command} "
+        f"(it restores {backup_of(path).name}, the copy written with it; {fallback})"
+    )
+
+
+def recover(directory: Path) -> list[str]:
+    """Put back the backup of a damaged ``config.json`` or ``manifest.json`` in ``directory``; what was done.
+
+    The damaged file is kept beside it as ``<name>.damaged``. A manifest without a usable backup starts
+    empty (every stage runs again); a config without one cannot be guessed, so that raises.
+    """
+    done = []
+    for name, read in ((CONFIG, read_config), (MANIFEST, read_manifest)):
+        path = directory / name
+        try:
+            read(path)
+            continue
+        except DamagedRecordError:
+            pass
+        backup = backup_of(path)
+        try:
+            value = read(backup)
+        except DamagedRecordError:
+            if name == CONFIG:
+                raise DamagedRecordError(
+                    f"{path} is damaged and its backup {backup.name} is missing or damaged too: the run's config "
+                    "cannot be recovered; start a new run with --out"
+                ) from None
+            value, source = {"format": _FORMAT, "stages": {}}, "an empty manifest (every stage runs again)"
+        else:
+            source = f"its backup {backup.name}"
+        kept = ""
+        if path.exists():
+            os.replace(path, path.with_name(f"{name}.damaged"))
+            kept = f"; the damaged file is kept as {name}.damaged"
+        _write_with_backup(path, value)
+        done.append(f"{path} replaced by {source}{kept}")
+    return done

@@ -13,15 +13,30 @@
 - Images are converted to 8-bit L (channels=1) or RGB (channels=3), then
   resized with ``images.RESIZE_FILTER`` (bicubic, antialiased) to
   image_size x image_size.
-- Problems (undecodable or truncated image files, unreadable paths, empty classes)
+- Symbolic links are followed only where they cannot move an image to another
+  label: into their own class folder, or entirely outside ``root`` (a subset made
+  of links into a full copy elsewhere; a class folder that is itself a link).
+  A link to another class's folder or file, to ``root``, or to a folder holding
+  the class folder or ``root`` (``bag/loop -> ..``) is a problem. A folder
+  reached twice (linked twice, a loop) is read once.
+- Images are compared by content (SHA-256 of the file's bytes). A byte-identical
+  copy within one class is loaded once: the first in listing order (the order of
+  ``sources``) is kept, the others are listed in the report's ``duplicate_files``
+  and their count is logged. The same bytes in two classes are a problem: one
+  image cannot have two labels. So a duplicated file can never put one image in
+  two splits.
+- Problems (undecodable or truncated image files, unreadable paths, links leading
+  out of their class folder, files duplicated across classes, empty classes)
   raise ``ImageFolderError`` listing all of them; with ``on_error="skip"`` the
-  bad files are skipped, classes left empty are dropped, and both are counted
-  in the ``ImageFolderReport``.
+  bad files are skipped (of a cross-class pair, the one in the later class),
+  classes left empty are dropped, and both are counted in the ``ImageFolderReport``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -66,6 +81,7 @@ class ImageFolderReport:
     dropped_classes: list[str] = field(default_factory=list)  # empty after skipping (on_error="skip")
     ignored_root_files: list[str] = field(default_factory=list)  # plain files directly under root
     ignored_files: list[str] = field(default_factory=list)  # files in class folders without an image extension
+    duplicate_files: list[tuple[str, str]] = field(default_factory=list)  # (dropped path, same bytes kept at path)
 
     @property
     def num_skipped(self) -> int:
@@ -83,6 +99,7 @@ class ImageFolderReport:
             "dropped_classes": list(self.dropped_classes),
             "ignored_root_files": list(self.ignored_root_files),
             "ignored_files": list(self.ignored_files),
+            "duplicate_files": [{"path": path, "duplicate_of": kept} for path, kept in self.duplicate_files],
         }
 
 
@@ -116,32 +133,14 @@ def load_image_folder(
     problems: list[tuple[str, str]] = []  # (path, reason) of files and folders that failed
     ignored_files: list[str] = []
     files_per_class: dict[str, list[Path]] = {}
+    real_root = os.path.realpath(root)
     for name, folder in class_dirs.items():
-        files_per_class[name] = _image_files_under(folder, problems, ignored_files)
+        files_per_class[name] = _image_files_under(folder, real_root, problems, ignored_files)
     _log_ignored(root, ignored_files)
 
-    pixels: list[np.ndarray] = []  # each (image_size, image_size[, 3]) uint8
-    labels: list[int] = []
-    sources: list[str] = []
-    counts: dict[str, int] = {}
-    kept_names: list[str] = []
-    dropped: list[str] = []
-    for name, files in files_per_class.items():
-        decoded = 0
-        for path in files:
-            try:
-                pixels.append(_decode(path, channels, image_size))
-            except Exception as error:
-                problems.append((str(path), _reason(error)))
-                continue
-            labels.append(len(kept_names))
-            sources.append(str(path))
-            decoded += 1
-        if decoded == 0:
-            dropped.append(name)
-            continue
-        kept_names.append(name)
-        counts[name] = decoded
+    decoded = _decode_classes(files_per_class, channels, image_size, problems)
+    _log_duplicates(root, decoded.duplicates)
+    pixels, kept_names, dropped = decoded.pixels, decoded.class_names, decoded.dropped
 
     empty = [(str(class_dirs[name]), "class has no loadable images") for name in dropped]
     if (problems or empty) and on_error == "raise":
@@ -157,17 +156,19 @@ def load_image_folder(
         raise ImageFolderError(f"ImageFolder {root}: no class has a loadable image", problems + empty)
 
     images = uint8_to_tensor(np.stack(pixels))  # (N, C, S, S)
-    data = LabelledImages(images, torch.tensor(labels, dtype=torch.int64), tuple(kept_names), tuple(sources))
+    labels = torch.tensor(decoded.labels, dtype=torch.int64)
+    data = LabelledImages(images, labels, tuple(kept_names), tuple(decoded.sources))
     report = ImageFolderReport(
         root=str(root),
         class_names=tuple(kept_names),
-        counts=counts,
+        counts=decoded.counts,
         image_size=image_size,
         channels=channels,
         skipped_files=problems,
         dropped_classes=dropped,
         ignored_root_files=ignored_root_files,
         ignored_files=ignored_files,
+        duplicate_files=decoded.duplicates,
     )
     return data, report
 
@@ -220,13 +221,26 @@ def _log_ignored(root: Path, ignored_files: list[str]) -> None:
         )
 
 
-def _image_files_under(folder: Path, problems: list[tuple[str, str]], ignored: list[str]) -> list[Path]:
+def _log_duplicates(root: Path, duplicates: list[tuple[str, str]]) -> None:
+    if duplicates:
+        log.warning(
+            "ImageFolder %s: loaded %d byte-identical duplicate file(s) only once (kept the first of its class), "
+            "e.g. %s is the same as %s",
+            root,
+            len(duplicates),
+            *duplicates[0],
+        )
+
+
+def _image_files_under(folder: Path, real_root: str, problems: list[tuple[str, str]], ignored: list[str]) -> list[Path]:
     """Non-hidden image files below ``folder`` (recursively, symlinks followed once), sorted.
 
-    Files without an image extension go to ``ignored``; listing errors to ``problems``.
+    Files without an image extension go to ``ignored``; listing errors and links leading out of the class
+    folder (``_link_escape``) to ``problems``. ``real_root``: the real path of the data root.
     """
     files: list[Path] = []
     seen_dirs: set[str] = set()
+    real_folder = os.path.realpath(folder)
 
     def walk(directory: Path) -> None:
         real = os.path.realpath(directory)
@@ -241,10 +255,16 @@ def _image_files_under(folder: Path, problems: list[tuple[str, str]], ignored: l
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
+            is_dir = entry.is_dir()
+            if not is_dir and os.path.splitext(entry.name)[1].lower() not in _image_extensions():
+                ignored.append(entry.path)  # never read, so where a link leads does not matter
+                continue
+            escape = _link_escape(entry.path, real_folder, real_root) if entry.is_symlink() else None
+            if escape is not None:
+                reason = f"symlink leads outside its class folder to {escape}; replace it with a copy or remove it"
+                problems.append((entry.path, reason))
+            elif is_dir:
                 walk(Path(entry.path))
-            elif os.path.splitext(entry.name)[1].lower() not in _image_extensions():
-                ignored.append(entry.path)
             else:
                 files.append(Path(entry.path))  # dangling links too: they fail to open and get reported
 
@@ -252,13 +272,89 @@ def _image_files_under(folder: Path, problems: list[tuple[str, str]], ignored: l
     return files
 
 
-def _decode(path: Path, channels: int, image_size: int) -> np.ndarray:
-    """One file -> (image_size, image_size) or (image_size, image_size, 3) uint8; raises on any defect."""
+def _is_within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it; both real (resolved, absolute) paths."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_escape(link: str, real_class_folder: str, real_root: str) -> str | None:
+    """The real target of ``link`` when following it could give images of other classes this label, else None.
+
+    Escapes: a target under the root but outside the class folder (another class, the root itself), and a folder
+    holding the class folder or the root (``bag/loop -> ..``), whose walk would reach the other classes.
+    Fine: a target in the class folder, and one entirely outside the root (a subset dataset made of links into a
+    full copy elsewhere). A dangling link is not judged here: it fails to open and is reported as unreadable.
+    """
+    if not os.path.exists(link):
+        return None
+    target = os.path.realpath(link)
+    if _is_within(target, real_class_folder):
+        return None
+    if _is_within(target, real_root) or _is_within(real_class_folder, target) or _is_within(real_root, target):
+        return target
+    return None
+
+
+@dataclass
+class _Decoded:
+    """The images of every class, in label order, and the byte-identical files dropped within a class."""
+
+    pixels: list[np.ndarray] = field(default_factory=list)  # each (image_size, image_size[, 3]) uint8
+    labels: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # classes with at least one image; label = position
+    dropped: list[str] = field(default_factory=list)  # classes left without an image
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped path, kept path), same class
+
+
+def _decode_classes(
+    files_per_class: dict[str, list[Path]], channels: int, image_size: int, problems: list[tuple[str, str]]
+) -> _Decoded:
+    """Read, hash and decode every file; failures and cross-class duplicates go to ``problems``."""
+    decoded = _Decoded()
+    first_with_content: dict[bytes, tuple[str, str]] = {}  # SHA-256 of a loaded file -> (its path, its class)
+    for name, files in files_per_class.items():
+        count = 0
+        for path in files:
+            try:
+                content = path.read_bytes()  # read once: hashed here, decoded from memory
+            except Exception as error:
+                problems.append((str(path), _reason(error)))
+                continue
+            digest = hashlib.sha256(content).digest()
+            if digest in first_with_content:
+                kept_path, kept_class = first_with_content[digest]
+                if kept_class == name:  # same image, same label: harmless, but it must count once
+                    decoded.duplicates.append((str(path), kept_path))
+                else:
+                    reason = f"same content as {kept_path} in class {kept_class}: one image cannot have two labels"
+                    problems.append((str(path), reason))
+                continue
+            try:
+                decoded.pixels.append(_decode(content, channels, image_size))
+            except Exception as error:
+                problems.append((str(path), _reason(error)))
+                continue
+            first_with_content[digest] = (str(path), name)  # only loaded files: a broken copy is reported as broken
+            decoded.labels.append(len(decoded.class_names))
+            decoded.sources.append(str(path))
+            count += 1
+        if count == 0:
+            decoded.dropped.append(name)
+            continue
+        decoded.class_names.append(name)
+        decoded.counts[name] = count
+    return decoded
+
+
+def _decode(content: bytes, channels: int, image_size: int) -> np.ndarray:
+    """One file's bytes -> (image_size, image_size) or (image_size, image_size, 3) uint8; raises on any defect."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; utilgen needs it False to detect truncation")
-    with Image.open(path) as probe:
+    with Image.open(io.BytesIO(content)) as probe:
         probe.verify()  # structure and checksums (PNG CRCs); the image is unusable afterwards
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(content)) as image:
         image.load()  # full decode: a truncated file raises here
         image = ImageOps.exif_transpose(image)  # photos stored rotated with an EXIF flag
         image = _to_8bit(image, _MODES[channels])

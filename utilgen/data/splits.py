@@ -16,6 +16,7 @@ class list and the sources, so a resumed run rebuilds identical splits with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utilgen.data.images import LabelledImages
+from utilgen.data.images import LabelledImages, tensor_to_uint8
 from utilgen.io import atomic_write_json
 
 SPLIT_NAMES = ("train", "meta", "test")
@@ -100,8 +101,19 @@ def save_splits(splits: Splits, path: str | os.PathLike) -> Path:
             name: list(getattr(splits, name).sources) if getattr(splits, name).sources is not None else None
             for name in SPLIT_NAMES
         },
+        "image_digests": {name: image_digests(getattr(splits, name)) for name in SPLIT_NAMES},
     }
     return atomic_write_json(path, value)
+
+
+def image_digests(images: LabelledImages) -> list[str]:
+    """A short SHA-256 of each image's 8-bit pixels and label, as the run sees them (after decoding and
+    resizing): a resume checks them, so data changed under the same file names is noticed, not used."""
+    pixels = tensor_to_uint8(images.images)
+    return [
+        hashlib.sha256(pixels[i].tobytes() + label.to_bytes(8, "little")).hexdigest()[:16]
+        for i, label in enumerate(images.labels.tolist())
+    ]
 
 
 def load_split_indices(path: str | os.PathLike) -> dict:
@@ -142,7 +154,25 @@ def splits_from_indices(data: LabelledImages, saved: dict) -> Splits:
         if expected is not None and actual is not None and list(actual) != list(expected):
             changed = [(e, a) for e, a in zip(expected, actual, strict=False) if e != a][:5]
             raise ValueError(f"the {name} split now holds different images than when saved (saved vs now: {changed})")
+    _check_contents(splits, saved.get("image_digests"))
     return splits
+
+
+def _check_contents(splits: Splits, saved_digests: dict | None) -> None:
+    """The images behind the saved indices still have the pixels and labels they had (when the file records them)."""
+    if saved_digests is None:  # written before digests were recorded
+        return
+    for name in SPLIT_NAMES:
+        part = getattr(splits, name)
+        changed = [i for i, (a, b) in enumerate(zip(image_digests(part), saved_digests[name], strict=True)) if a != b]
+        if changed:
+            sources = part.sources or [f"image {index}" for index in splits.indices[name]]
+            where = [sources[i] for i in changed]
+            raise ValueError(
+                f"the data changed since the run split it: {len(changed)} of {len(part)} {name} images now have "
+                f"other pixels or labels, e.g. {', '.join(map(str, where[:3]))}. Results on them would not be the "
+                "run's: restore the data the run used, or start a new run with --out"
+            )
 
 
 def _build(data: LabelledImages, indices: dict[str, list[int]], seed: int | None) -> Splits:

@@ -17,6 +17,8 @@ transformers is imported here only (the embedded generator does not need it).
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +51,40 @@ class StableDiffusionDirectoryError(FileNotFoundError):
     """The local Stable Diffusion directory is incomplete or holds git-LFS pointers."""
 
 
+def _file_defect(path: Path) -> str | None:
+    """Why ``path`` cannot be what its name says, found without loading it (None: it looks whole).
+
+    JSON must parse; a safetensors header must parse and its tensors must end exactly at the end of the
+    file (so a file cut short or overwritten is caught here, not as a traceback deep in from_pretrained);
+    a ``.bin`` saved by torch >= 1.6 is a zip whose directory, at the very end, must read.
+    """
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            return _safetensors_defect(path)
+        elif path.suffix == ".bin" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+    except (ValueError, zipfile.BadZipFile) as error:
+        return f"is corrupt ({type(error).__name__}: {error})"
+    return None
+
+
+def _safetensors_defect(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            return f"is not a safetensors file (its header length {length} does not fit its {size} bytes)"
+        header = json.loads(handle.read(length))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    if 8 + length + max(ends, default=0) != size:
+        return f"is truncated or padded: its tensors need {8 + length + max(ends, default=0)} bytes, it has {size}"
+    return None
+
+
 def _is_lfs_pointer(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
@@ -70,11 +106,17 @@ def check_directory(path: str | Path) -> Path:
             problems.append(f"missing {component}/ files (need {wanted})")
         for name in all_of + [n for names in complete for n in names]:
             file = path / component / name
-            if file.is_file() and _is_lfs_pointer(file):
+            if not file.is_file():
+                continue
+            if _is_lfs_pointer(file):
                 problems.append(f"{component}/{name} is a git-LFS pointer, not the file (run `git lfs pull` there)")
+            elif defect := _file_defect(file):
+                problems.append(f"{component}/{name} {defect} (download or copy it again)")
     if problems:
         raise StableDiffusionDirectoryError(
-            f"{path} is not a usable Stable Diffusion directory: " + "; ".join(problems)
+            f"{path} is not a usable Stable Diffusion directory: "
+            + "; ".join(problems)
+            + ". --generator takes a pipeline saved in the diffusers layout (StableDiffusionPipeline.save_pretrained)"
         )
     return path
 
