@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
-    """A stage stopped (a non-finite loss); what finished before it is kept and the run can be resumed."""
+    """A stage stopped (a non-finite loss, runaway training, a full disk); what finished before it is kept and
+    the run can be resumed."""
 
 
 def stage_seed(seed: int, name: str) -> int:
