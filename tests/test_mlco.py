@@ -1,4 +1,5 @@
-"""MLCO: pair building, the Diffusion-DPO loss, LoRA-only training, the reference, non-finite handling, re-anchoring."""
+"""MLCO: pair building, the Diffusion-DPO loss, LoRA-only training, the reference, the divergence guards
+(non-finite, loss rise, adapter runaway), re-anchoring."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from _generator_models import tiny_embedded
 
 from utilgen.adaptation import (
     CANDIDATE_STAGE,
+    MAX_ADAPTER_CHANGE,
+    MAX_DPO_LOSS_RISE,
+    DPOAdapterRunawayError,
+    DPODivergedError,
+    DPOLossRiseError,
     DPONonFiniteError,
+    adapter_changes,
     adapter_parameters,
     adapters_disabled,
     attach_adapters,
@@ -21,13 +28,17 @@ from utilgen.adaptation import (
     evaluate_pairs,
     generate_candidates,
     implicit_accuracy,
+    largest_adapter_change,
     load_adapters,
+    mlco,
     reanchor,
     save_adapters,
     train_dpo_round,
 )
+from utilgen.adaptation.lora import ADAPTER_NAME
 from utilgen.adaptation.mlco import pair_errors
 from utilgen.config import MLCOConfig
+from utilgen.generator.textual_inversion import LossRiseGuard
 
 
 def _pairs(n: int = 24, classes: int = 3, per_class: int = 3, seed: int = 0):
@@ -182,22 +193,137 @@ def test_round_trains_only_the_adapter_and_raises_implicit_accuracy_on_its_pairs
         assert torch.equal(base_after[name], value), name
 
 
-def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter():
+# --------------------------------------------------------------------------- divergence guards
+
+_GUARDED = MLCOConfig(steps=30, batch_pairs=9, lr=1e-3, lora_rank=4, lora_alpha=4.0)
+
+
+def _adapter(generator) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter_parameters(generator.denoiser).items()}
+
+
+def _assert_adapter_is(generator, expected: dict[str, torch.Tensor]) -> None:
+    actual = _adapter(generator)
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=name)
+
+
+def _replayed_adapter(pairs, config: MLCOConfig, steps: int) -> dict[str, torch.Tensor]:
+    """The adapter after the same round stopped after ``steps`` steps (0: the freshly attached one)."""
+    replay = tiny_embedded()
+    if steps == 0:
+        mlco.prepare_round(replay, config, 0)
+    else:
+        train_dpo_round(replay, pairs, dataclasses.replace(config, steps=steps))
+    return _adapter(replay)
+
+
+def test_non_finite_loss_stops_the_round_and_keeps_the_last_good_adapter(monkeypatch):
+    # lr 1e4 unclipped overflows by step 2; the other guards would stop it first, so this tests this one alone
+    monkeypatch.setattr(mlco, "MAX_ADAPTER_CHANGE", math.inf)
+    monkeypatch.setattr(mlco, "MAX_DPO_LOSS_RISE", math.inf)
     pairs = _pairs()
-    config = MLCOConfig(steps=30, batch_pairs=9, lr=1e4, max_grad_norm=math.inf, lora_rank=4, lora_alpha=4.0)
+    config = dataclasses.replace(_GUARDED, lr=1e4, max_grad_norm=math.inf)
     generator = tiny_embedded()
-    with pytest.raises(DPONonFiniteError, match="at step") as caught:
+    with pytest.raises(DPONonFiniteError, match=r"at step .* mlco\.lr=10000 and mlco\.beta=2500") as caught:
         train_dpo_round(generator, pairs, config)
     step = caught.value.step
     assert step >= 2
     assert caught.value.result.steps_done == step == len(caught.value.result.history.loss)
-    kept = {k: v.detach().clone() for k, v in adapter_parameters(generator.denoiser).items()}
+    kept = _adapter(generator)
     assert all(bool(torch.isfinite(v).all()) for v in kept.values())
     # the same run stopped before step - 1 ends at the weights the failing step's predecessor started from
-    replay = tiny_embedded()
-    train_dpo_round(replay, pairs, dataclasses.replace(config, steps=step - 1))
-    for name, value in adapter_parameters(replay.denoiser).items():
-        torch.testing.assert_close(kept[name], value, rtol=0, atol=0)
+    _assert_adapter_is(generator, _replayed_adapter(pairs, config, step - 1))
+
+
+def test_a_finite_runaway_lr_stops_at_the_adapter_guard_and_keeps_the_last_good_adapter():
+    """The issue's case for MLCO: lr 1 stays finite (and clipped) while the adapter swamps the layers it adapts."""
+    pairs = _pairs()
+    config = dataclasses.replace(_GUARDED, lr=1.0)
+    generator = tiny_embedded()
+    with pytest.raises(DPOAdapterRunawayError, match=r"by .*x its own weights .* mlco\.lr=1 and mlco\.beta") as caught:
+        train_dpo_round(generator, pairs, config)
+    error, step = caught.value, caught.value.step
+    assert isinstance(error, DPODivergedError)
+    assert f"diverged at step {step}:" in str(error)
+    assert error.change > MAX_ADAPTER_CHANGE
+    assert error.module in adapter_changes(generator.denoiser)
+    assert error.result.steps_done == step == len(error.result.history.loss)
+    assert all(math.isfinite(v) for v in error.result.history.loss)  # nothing overflowed: only the norm saw it
+    # back at the weights before the offending update: those of the same round stopped after `step` steps
+    _assert_adapter_is(generator, _replayed_adapter(pairs, config, step))
+    assert largest_adapter_change(generator.denoiser)[1] <= MAX_ADAPTER_CHANGE
+
+
+def test_a_rising_loss_stops_the_round_and_keeps_the_last_good_adapter(monkeypatch):
+    pairs = _pairs()
+    expected = _replayed_adapter(pairs, _GUARDED, 5)  # before the patch: the weights the failing step's predecessor had
+    real_loss, calls = mlco.dpo_loss, []
+
+    def blown_up_from_step_6(*args):
+        calls.append(1)
+        return real_loss(*args) * (100.0 if len(calls) > 6 else 1.0)
+
+    monkeypatch.setattr(mlco, "dpo_loss", blown_up_from_step_6)
+    generator = tiny_embedded()
+    with pytest.raises(DPOLossRiseError, match=r"at step 6: the mean loss of the last 5 steps.* mlco\.lr=0\.001"):
+        train_dpo_round(generator, pairs, _GUARDED)
+    _assert_adapter_is(generator, expected)
+
+
+def test_a_default_round_stays_far_below_the_guards():
+    """The shipped settings: measured 0.0027 adapter change and no loss rise here; the limits are 10 and 10x."""
+    generator = tiny_embedded()
+    config = MLCOConfig()
+    result = train_dpo_round(generator, _pairs(), config)
+    assert result.steps_done == config.steps
+    change = largest_adapter_change(generator.denoiser)[1]
+    assert 0 < change < MAX_ADAPTER_CHANGE / 100
+    rise, ratios = LossRiseGuard(MAX_DPO_LOSS_RISE), []
+    for loss in result.history.loss:
+        rise.add(loss)
+        ratios.append(rise.recent_mean / rise.start_mean)
+    assert max(ratios) < MAX_DPO_LOSS_RISE / 4
+
+
+@pytest.mark.parametrize("targets", [("to_q", "to_out.0"), ("conv1",)])
+def test_adapter_changes_are_the_delta_over_the_base_weight_norm(targets):
+    """The r x r trace shortcut against peft's own full delta weight, linear and 3x3 conv layers."""
+    generator = tiny_embedded()
+    params = attach_adapters(generator.denoiser, rank=3, alpha=6.0, target_modules=targets)
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    changes = adapter_changes(generator.denoiser)
+    layers = dict(generator.denoiser.named_modules())
+    assert changes
+    assert all(name.endswith(targets) for name in changes)
+    for name, change in changes.items():
+        layer = layers[name]
+        expected = layer.get_delta_weight(ADAPTER_NAME).norm() / layer.get_base_layer().weight.norm()
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=0)
+    module, largest = largest_adapter_change(generator.denoiser)
+    assert largest == max(float(v) for v in changes.values()) == float(changes[module])
+
+
+def test_a_diverged_round_stops_the_stage_and_keeps_the_partial_adapter(tmp_path):
+    """Every DPODivergedError (here the adapter runaway) becomes a StageError naming mlco.lr; the adapter is kept."""
+    from utilgen import stage_outputs
+    from utilgen.stages import StageError
+
+    generator = tiny_embedded()
+    out = tmp_path / "round-1"
+    with pytest.raises(StageError, match=r"--set mlco\.lr="):
+        stage_outputs.train_dpo_or_stop(
+            generator, _pairs(), dataclasses.replace(_GUARDED, lr=1.0), out, 1, seed=0, progress=False
+        )
+    partial = tmp_path / "round-1.partial.safetensors"
+    assert partial.exists()
+    fresh = tiny_embedded()
+    load_adapters(fresh.denoiser, partial)
+    _assert_adapter_is(fresh, _adapter(generator))
 
 
 def test_reanchor_merges_the_adapter_and_starts_a_fresh_one(tmp_path):

@@ -2,8 +2,8 @@
 
 Every stage writes through these functions, atomically, and the next stage reads what was
 written, never what is still in memory: pools are 8-bit PNGs, so an uninterrupted run and a
-resumed one compute on the same pixels. A stage that stops on a non-finite loss keeps what it
-had in a ``*.partial*`` file and raises ``StageError`` with the setting to change.
+resumed one compute on the same pixels. A stage that stops (a non-finite loss, runaway training)
+keeps what it had in a ``*.partial*`` file and raises ``StageError`` with the setting to change.
 """
 
 from __future__ import annotations
@@ -102,14 +102,14 @@ def valued_pool_utilities(valuation_dir: Path) -> torch.Tensor:
 def train_dpo_or_stop(
     generator: Generator, pairs: adaptation.Pairs, config: MLCOConfig, out: Path, round_index: int, *, seed, progress
 ) -> adaptation.DPORoundResult:
-    """``train_dpo_round``; on a non-finite loss the adapter (back at its last finite weights) is kept,
-    and removed again once a later attempt succeeds."""
+    """``train_dpo_round``; when it diverges (non-finite, loss risen, adapter runaway) the adapter, back at
+    its last good weights, is kept, and removed again once a later attempt succeeds."""
     partial = out.with_name(out.name + ".partial.safetensors")
     try:
         result = adaptation.train_dpo_round(
             generator, pairs, config, round_index=round_index - 1, seed=seed, progress=progress
         )
-    except adaptation.DPONonFiniteError as error:
+    except adaptation.DPODivergedError as error:  # non-finite, loss risen or adapter runaway
         adaptation.save_adapters(generator.denoiser, partial)
         raise StageError(
             f"{error}. Resume with a smaller step: --resume DIR --set mlco.lr=... (or mlco.beta=...)"

@@ -7,8 +7,10 @@ MLCO (model level):
   ``build_pairs`` / ``pairs_from_pool`` -> ``Pairs`` (highest vs lowest utility within a class).
 - ``train_dpo_round(generator, pairs, MLCOConfig(...))``: Diffusion-DPO on the denoiser's LoRA adapter,
   the reference being the same UNet with the adapter off; ``dpo_loss``, ``implicit_accuracy``,
-  ``evaluate_pairs``; ``DPONonFiniteError``.
-- ``lora``: ``attach_adapters``, ``adapters_disabled``, ``reanchor``, ``save_adapters`` / ``load_adapters``.
+  ``evaluate_pairs``; ``DPODivergedError`` (a divergence guard stopped the round) and its kinds
+  ``DPONonFiniteError``, ``DPOLossRiseError``, ``DPOAdapterRunawayError``.
+- ``lora``: ``attach_adapters``, ``adapters_disabled``, ``reanchor``, ``save_adapters`` / ``load_adapters``,
+  ``adapter_changes`` / ``largest_adapter_change`` (the adapter's size relative to the weights it adapts).
 
 ILPO (instance level):
 - per-instance prompt-embedding and initial-noise optimisation against the valuation's
@@ -29,16 +31,23 @@ from utilgen.adaptation.ilpo import (
 )
 from utilgen.adaptation.lora import (
     ADAPTER_NAME,
+    adapter_changes,
     adapter_parameters,
     adapters_disabled,
     attach_adapters,
     has_adapters,
+    largest_adapter_change,
     load_adapters,
     reanchor,
     save_adapters,
 )
 from utilgen.adaptation.mlco import (
+    MAX_ADAPTER_CHANGE,
+    MAX_DPO_LOSS_RISE,
+    DPOAdapterRunawayError,
+    DPODivergedError,
     DPOHistory,
+    DPOLossRiseError,
     DPONonFiniteError,
     DPORoundResult,
     PairEvaluation,
@@ -55,16 +64,22 @@ __all__ = [
     "ADAPTER_NAME",
     "CANDIDATE_STAGE",
     "DRIFTS",
+    "MAX_ADAPTER_CHANGE",
+    "MAX_DPO_LOSS_RISE",
     "NOISE_STRATEGIES",
     "SELECTION_MODES",
     "AscentHistory",
     "ClipAlignment",
+    "DPOAdapterRunawayError",
+    "DPODivergedError",
     "DPOHistory",
+    "DPOLossRiseError",
     "DPONonFiniteError",
     "DPORoundResult",
     "ILPOHistory",
     "PairEvaluation",
     "Pairs",
+    "adapter_changes",
     "adapter_parameters",
     "adapters_disabled",
     "attach_adapters",
@@ -74,6 +89,7 @@ __all__ = [
     "generate_candidates",
     "has_adapters",
     "implicit_accuracy",
+    "largest_adapter_change",
     "load_adapters",
     "optimise_instances",
     "optimise_prompts",

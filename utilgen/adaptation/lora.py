@@ -7,6 +7,8 @@
   off, so the reference costs no second copy of the UNet.
 - ``reanchor``: W <- W + (alpha / r) B A for every adapted layer, then a fresh adapter (B = 0):
   the model is unchanged at that moment and the reference becomes the current model.
+- ``adapter_changes`` / ``largest_adapter_change``: how much the adapter changes each layer,
+  ||scaling B A||_F / ||W||_F, the measure MLCO's runaway guard watches.
 - ``save_adapters`` / ``load_adapters``: the adapter weights as safetensors (atomic), the LoRA
   settings in the header. After a re-anchor the merged base weights belong to the generator,
   not to the adapter file: save those with the generator's own weights writer.
@@ -31,10 +33,14 @@ ADAPTER_NAME = "mlco"
 _FORMAT = "utilgen.mlco_adapters/1"
 
 
-def _lora_layers(denoiser: nn.Module) -> list[nn.Module]:
+def _is_adapted(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in denoiser.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A]
+    return isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
+
+
+def _lora_layers(denoiser: nn.Module) -> list[nn.Module]:
+    return [m for m in denoiser.modules() if _is_adapted(m)]
 
 
 def has_adapters(denoiser: nn.Module) -> bool:
@@ -108,6 +114,37 @@ def reanchor(denoiser: nn.Module, *, seed: int = 0) -> None:
             layer.reset_lora_parameters(ADAPTER_NAME, True)  # kaiming A, zero B
     for parameter in adapter_parameters(denoiser).values():
         parameter.data = parameter.data.float()
+
+
+@torch.no_grad()
+def adapter_changes(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """Per adapted module (by name): ||scaling B A||_F / ||W||_F, a 0-d float32 tensor on the weights' device.
+
+    The adapter's change of the layer relative to the layer's own (base) weight W; a conv weight counts as
+    its (out, in * kh * kw) matrix. No host sync: the caller reduces and reads what it needs.
+    """
+    return {name: _relative_change(module) for name, module in denoiser.named_modules() if _is_adapted(module)}
+
+
+def largest_adapter_change(denoiser: nn.Module) -> tuple[str, float]:
+    """The adapted layer the adapter changes most, and by how much relative to its own weights (one host sync)."""
+    changes = adapter_changes(denoiser)
+    if not changes:
+        raise ValueError(f"the denoiser has no {ADAPTER_NAME!r} adapter to measure")
+    names, values = list(changes), torch.stack(list(changes.values()))
+    index = int(values.argmax())
+    return names[index], float(values[index])
+
+
+def _relative_change(layer: nn.Module) -> torch.Tensor:
+    # ||B A||_F^2 = trace(A^T B^T B A) = trace((B^T B)(A A^T)): two r x r products instead of the (out, in) delta,
+    # which for Stable Diffusion's projections would be a 1280 x 1280 (or larger) matrix per layer per step.
+    a = layer.lora_A[ADAPTER_NAME].weight.float().flatten(1)  # (r, in [* kh * kw])
+    b = layer.lora_B[ADAPTER_NAME].weight.float().flatten(1)  # (out, r)
+    squared = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0.0)  # rounding can dip just below 0 when B ~ 0
+    delta_norm = abs(layer.scaling[ADAPTER_NAME]) * squared.sqrt()
+    base_norm = torch.linalg.vector_norm(layer.get_base_layer().weight, dtype=torch.float32)  # no fp32 copy of W
+    return delta_norm / base_norm.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _settings(denoiser: nn.Module) -> dict:

@@ -20,11 +20,18 @@ Health, per step (``DPOHistory``): the loss, the implicit preference accuracy
 untrained adapter reads 0.5), the mean d_w and d_l (the model's MSE minus the
 reference's on winners and on losers) and the gradient norm before clipping.
 
-A non-finite loss or gradient norm stops the round: the adapter goes back to the
-last weights that gave a finite loss and gradient (the start of the previous
-step; the update taken there is what broke it), and ``DPONonFiniteError`` is
-raised carrying the history so far. The caller decides whether the run goes on
-with those adapters.
+Divergence guards stop the round, put the adapter back at the last weights that
+passed every check and raise a ``DPODivergedError`` (carrying the step and the
+history so far; the message names mlco.lr and mlco.beta):
+- ``DPONonFiniteError``: a NaN/inf loss or gradient norm. The weights go back to
+  the start of the previous step (the update taken there is what broke it).
+- ``DPOLossRiseError``: the mean of the last 5 losses is over ``MAX_DPO_LOSS_RISE``
+  times that of the first 5 (``LossRiseGuard``); back to the previous step's start likewise.
+- ``DPOAdapterRunawayError``: after an update the adapter changes some layer by more
+  than ``MAX_ADAPTER_CHANGE`` times that layer's own weights (``lora.adapter_changes``);
+  back to the weights before that update. A finite runaway lr gets here long before
+  anything overflows, while its images are already ruined.
+The caller decides whether the run goes on with those adapters.
 """
 
 from __future__ import annotations
@@ -44,13 +51,32 @@ from utilgen.adaptation.lora import (
     adapters_disabled,
     attach_adapters,
     has_adapters,
+    largest_adapter_change,
     reanchor,
 )
 from utilgen.adaptation.pairs import Pairs
 from utilgen.config import MLCOConfig
 from utilgen.generator import Generator
+from utilgen.generator.textual_inversion import LossRiseGuard
 
 log = logging.getLogger(__name__)
+
+# The adapter's runaway limit: the largest ||scaling B A||_F / ||W||_F over the adapted layers after an update.
+# Measured (largest over every step of a round, seed 0): the committed embedded generator with the default
+# Config().mlco (lr 5e-5, 50 steps, rank 8, 20 pairs of its real images) reaches 0.0027 (0.0029 in a re-anchored
+# second round, 0.011 over 200 steps); 10x, 100x and 1000x that lr reach 0.025, 0.24 and 12 (the last at step 43,
+# its loss up 19x); lr 1e-2 for 200 steps 2.8. On the test fixture (tiny random UNet) the tests' own rounds reach
+# 0.028 (lr 1e-3, 60 steps) and 0.15 (lr 1e-2, 15 steps), the default config 0.0027. lr 1 crosses 10 at its
+# second update on both. An adapter that adds ten times a layer's own weights has replaced the layer rather than
+# fine-tuned it; the limit is ~3700x what a default round uses and 3.6x the hottest run that still trained.
+MAX_ADAPTER_CHANGE = 10.0
+
+# The loss's runaway limit (LossRiseGuard: mean of the last 5 losses over the mean of the first 5). DPO starts at
+# log 2 (adapter = reference), so 10x is a mean loss of ~6.9: the model prefers the pairs' losers by a wide margin,
+# the opposite of what it is trained for. Measured peaks: 1.00 for the default config on the embedded generator
+# (50 and 200 steps), 1.02 and 1.59 at 10x and 100x its lr, 19 at 1000x; on the test fixture 1.0-1.5 in the tests'
+# rounds, 7.7 (fixture) and 9.1 (embedded) for lr 1e-2 over 200 steps, a hot run left running.
+MAX_DPO_LOSS_RISE = 10.0
 
 
 @dataclass
@@ -73,12 +99,34 @@ class DPORoundResult:
     history: DPOHistory
 
 
-class DPONonFiniteError(RuntimeError):
-    """A DPO round met a NaN/inf loss or gradient; the adapter holds the last good weights, ``result`` the history."""
+class DPODivergedError(RuntimeError):
+    """A DPO round stopped on a divergence guard; the adapter holds the last good weights, ``result`` the history.
+
+    ``step`` is the 0-based step that failed its check; the message names mlco.lr and mlco.beta.
+    """
 
     def __init__(self, message: str, *, step: int, result: DPORoundResult):
         super().__init__(message)
         self.step, self.result = step, result
+
+
+class DPONonFiniteError(DPODivergedError):
+    """The loss or the gradient norm was NaN/inf."""
+
+
+class DPOLossRiseError(DPODivergedError):
+    """The loss rose far above its start (``MAX_DPO_LOSS_RISE``)."""
+
+
+class DPOAdapterRunawayError(DPODivergedError):
+    """An update made the adapter change a layer by more than ``MAX_ADAPTER_CHANGE`` times its own weights.
+
+    ``module`` names that layer and ``change`` is its ratio.
+    """
+
+    def __init__(self, message: str, *, step: int, result: DPORoundResult, module: str, change: float):
+        super().__init__(message, step=step, result=result)
+        self.module, self.change = module, change
 
 
 # --------------------------------------------------------------------------- the loss
@@ -183,6 +231,25 @@ def _restore(params: dict[str, torch.nn.Parameter], saved: dict[str, Tensor]) ->
             parameter.copy_(saved[name])
 
 
+def _loss_failure(loss: float, grad_norm: float, rise: LossRiseGuard) -> tuple[type[DPODivergedError], str] | None:
+    """The error class and what went wrong, if this step's loss or gradient fails a guard."""
+    if not math.isfinite(loss):
+        return DPONonFiniteError, f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return DPONonFiniteError, f"the gradient norm is {grad_norm}"
+    if rise.add(loss):
+        return DPOLossRiseError, rise.describe()
+    return None
+
+
+def _stop_message(round_index: int, step: int, what: str, restored_to: str, config: MLCOConfig) -> str:
+    return (
+        f"MLCO DPO round {round_index} diverged at step {step}: {what}, with mlco.lr={config.lr:g} and "
+        f"mlco.beta={config.beta:g}; the adapter is back at its weights from {restored_to} (the last that passed "
+        "every check). Lower mlco.lr (or mlco.beta)"
+    )
+
+
 def prepare_round(generator: Generator, config: MLCOConfig, round_index: int, *, seed: int = 0) -> bool:
     """Attach the adapter on the first use; re-anchor it at later rounds when ``config.reanchor``. True if merged."""
     denoiser = generator.denoiser
@@ -215,8 +282,8 @@ def train_dpo_round(
     Attaches the adapter when the denoiser has none; re-anchors it first when
     ``round_index > 0`` and ``config.reanchor``. Pairs are drawn without
     replacement within an epoch; every draw (pairs, timesteps, noise) comes
-    from ``seed`` and ``round_index``. Raises ``DPONonFiniteError``
-    (module docstring) on a NaN/inf loss or gradient.
+    from ``seed`` and ``round_index``. Raises a ``DPODivergedError`` (module
+    docstring) when a divergence guard trips.
     """
     if len(pairs) == 0:
         raise ValueError("no pairs to train on: every class was a near-tie (lower min_gap) or had < 2 candidates")
@@ -230,7 +297,8 @@ def train_dpo_round(
     order, position = torch.randperm(len(pairs), generator=rng), 0
     history = DPOHistory()
     result = DPORoundResult(round_index, len(pairs), 0, reanchored, history)
-    last_good = _snapshot(params)
+    last_good = _snapshot(params)  # the newest weights that passed every check
+    loss_rise = LossRiseGuard(MAX_DPO_LOSS_RISE)
 
     for step in tqdm(range(config.steps), desc=f"MLCO DPO round {round_index}", disable=not progress):
         if position + batch > len(pairs):
@@ -242,18 +310,30 @@ def train_dpo_round(
             generator, params, x0_w, x0_l, prompts, t, eps, beta=config.beta, max_grad_norm=config.max_grad_norm
         )
         loss_value, grad_value = float(loss), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+        failure = _loss_failure(loss_value, grad_value, loss_rise)
+        if failure is not None:  # these weights failed: back to the previous step's, whose update led here
             _restore(params, last_good)
             result.steps_done = step
-            raise DPONonFiniteError(
-                f"MLCO DPO round {round_index}: {'loss' if not math.isfinite(loss_value) else 'gradient norm'} is "
-                f"{loss_value if not math.isfinite(loss_value) else grad_value} at step {step}; the adapter is back "
-                f"at its weights before step {max(step - 1, 0)} (the last finite one). Lower lr or beta.",
+            error, what = failure
+            start = f"the start of step {step - 1}" if step > 0 else "the start of the round"
+            raise error(_stop_message(round_index, step, what, start, config), step=step, result=result)
+        last_good = _snapshot(params)
+        optimizer.step()
+        module, change = largest_adapter_change(generator.denoiser)
+        if not change <= MAX_ADAPTER_CHANGE:  # also true for NaN
+            _restore(params, last_good)
+            result.steps_done = step
+            what = (
+                f"the update changed {module} by {change:.3g}x its own weights "
+                f"(limit {MAX_ADAPTER_CHANGE:g}x: no longer fine-tuning)"
+            )
+            raise DPOAdapterRunawayError(
+                _stop_message(round_index, step, what, f"the start of step {step}", config),
                 step=step,
                 result=result,
+                module=module,
+                change=change,
             )
-        last_good = _snapshot(params)  # these weights gave a finite loss and gradient
-        optimizer.step()
         history.loss.append(loss_value)
         history.grad_norm.append(grad_value)
         history.implicit_acc.append(float(implicit_accuracy(model_w, model_l, ref_w, ref_l)))
@@ -262,7 +342,7 @@ def train_dpo_round(
         result.steps_done = step + 1
         if step % config.log_every == 0 or step == config.steps - 1:
             log.info(
-                "MLCO round %d step %d: loss %.4f implicit_acc %.3f mse_gap w %.2e l %.2e grad %.3g",
+                "MLCO round %d step %d: loss %.4f implicit_acc %.3f mse_gap w %.2e l %.2e grad %.3g adapter %.2e",
                 round_index,
                 step,
                 loss_value,
@@ -270,6 +350,7 @@ def train_dpo_round(
                 history.mse_gap_winners[-1],
                 history.mse_gap_losers[-1],
                 grad_value,
+                change,
             )
     return result
 
