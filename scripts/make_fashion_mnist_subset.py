@@ -11,9 +11,14 @@ the default task's images (drawn from this subset) are never seen by it.
 Outputs:
   fashion_mnist_subset.npz       np.savez_compressed: images uint8 (N, 28, 28),
                                  labels uint8 (N,), indices int32 (N,) into the test file
+  fashion_mnist_validation.npz   the validation set, the same fields: the first 600 images of
+                                 each class of the *train* file, which the default (coarse)
+                                 generator was trained without (``python -m utilgen.pretrain``
+                                 leaves them out)
   LICENSE-fashion-mnist.txt      the MIT notice (Zalando SE) and where the data came from
 
-Usage: python scripts/make_fashion_mnist_subset.py [--per-class 300] [--source DIR] [--out DIR]
+Usage: python scripts/make_fashion_mnist_subset.py [--per-class 300] [--validation-per-class 600]
+       [--source DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utilgen.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, load_debian
+from utilgen.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, VALIDATION_PER_CLASS, load_debian, validation_indices
 from utilgen.io import atomic_write_bytes, atomic_write_text
 
 ASSETS = Path(__file__).resolve().parents[1] / "utilgen" / "data" / "assets"
@@ -35,9 +40,11 @@ Fashion-MNIST subset shipped with utilgen
 
 fashion_mnist_subset.npz holds {count} images ({per_class} per class, the first of
 each class in file order) of the Fashion-MNIST *test* set, with their labels and
-their indices in that file. It was written by scripts/make_fashion_mnist_subset.py
-from the Debian package `dataset-fashion-mnist` (t10k-images-idx3-ubyte.gz,
-t10k-labels-idx1-ubyte.gz). The images are unchanged (28x28, 8-bit grayscale).
+their indices in that file. fashion_mnist_validation.npz holds {validation_count}
+images ({validation_per_class} per class, the first of each class in file order) of
+the Fashion-MNIST *training* set, likewise. Both were written by
+scripts/make_fashion_mnist_subset.py from the Debian package `dataset-fashion-mnist`
+(t10k-*.gz and train-*.gz). The images are unchanged (28x28, 8-bit grayscale).
 
 Source: https://github.com/zalandoresearch/fashion-mnist
 Paper:  Han Xiao, Kashif Rasul, Roland Vollgraf. Fashion-MNIST: a Novel Image
@@ -67,35 +74,37 @@ SOFTWARE.
 """
 
 
-def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """(K * per_class,) ascending indices: the first ``per_class`` images of each class in file order."""
-    chosen = []
-    for label in range(len(CLASS_NAMES)):
-        of_class = np.flatnonzero(labels == label)
-        if len(of_class) < per_class:
-            raise SystemExit(f"class {label} ({CLASS_NAMES[label]}) has {len(of_class)} images, asked for {per_class}")
-        chosen.append(of_class[:per_class])
-    return np.sort(np.concatenate(chosen))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=300)
+    parser.add_argument("--validation-per-class", type=int, default=VALIDATION_PER_CLASS)
     parser.add_argument("--source", type=Path, default=DEBIAN_DIR, help="folder with the Debian idx .gz files")
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
 
-    images, labels = load_debian("test", args.source)  # (10000, 28, 28) uint8, (10000,) int64
-    indices = first_per_class(labels, args.per_class)
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer, images=images[indices], labels=labels[indices].astype(np.uint8), indices=indices.astype(np.int32)
+    counts = {}
+    for split, name, per_class in (
+        ("test", "fashion_mnist_subset.npz", args.per_class),
+        ("train", "fashion_mnist_validation.npz", args.validation_per_class),
+    ):
+        images, labels = load_debian(split, args.source)  # (N, 28, 28) uint8, (N,) int64
+        indices = validation_indices(labels, per_class)  # the first per_class of each class, in file order
+        if len(indices) != per_class * len(CLASS_NAMES):
+            raise SystemExit(f"the {split} file has fewer than {per_class} images of some class")
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer, images=images[indices], labels=labels[indices].astype(np.uint8), indices=indices.astype(np.int32)
+        )
+        npz = atomic_write_bytes(args.out / name, buffer.getvalue())
+        counts[split] = len(indices)
+        print(f"wrote {npz} ({npz.stat().st_size / 1e6:.2f} MB, {len(indices)} images of the {split} file)")
+    notice = LICENSE.format(
+        count=counts["test"],
+        per_class=args.per_class,
+        validation_count=counts["train"],
+        validation_per_class=args.validation_per_class,
     )
-    npz = atomic_write_bytes(args.out / "fashion_mnist_subset.npz", buffer.getvalue())
-    atomic_write_text(
-        args.out / "LICENSE-fashion-mnist.txt", LICENSE.format(count=len(indices), per_class=args.per_class)
-    )
-    print(f"wrote {npz} ({npz.stat().st_size / 1e6:.2f} MB, {len(indices)} images) and the licence notice")
+    atomic_write_text(args.out / "LICENSE-fashion-mnist.txt", notice)
 
 
 if __name__ == "__main__":

@@ -126,11 +126,44 @@ def test_subset_script_writes_a_loadable_asset(fake_debian, tmp_path, monkeypatc
     directory, images, labels = fake_debian
     out = tmp_path / "assets"
     script = REPO / "scripts" / "make_fashion_mnist_subset.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--per-class", "2", "--source", str(directory), "--out", str(out)])
+    argv = [str(script), "--per-class", "2", "--validation-per-class", "1", "--source", str(directory)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     runpy.run_path(str(script), run_name="__main__")
     with np.load(out / "fashion_mnist_subset.npz", allow_pickle=False) as archive:
         chosen, stored, stored_labels = archive["indices"], archive["images"], archive["labels"]
     assert chosen.tolist() == list(range(20))  # the first 2 of each class in file order: indices 0..19
     assert np.array_equal(stored, images[chosen])
     assert np.array_equal(stored_labels, labels[chosen])
-    assert "20 images (2 per class" in (out / "LICENSE-fashion-mnist.txt").read_text()
+    with np.load(out / "fashion_mnist_validation.npz", allow_pickle=False) as archive:
+        assert archive["indices"].tolist() == list(range(10))  # the train file's first image of each class
+        assert np.array_equal(archive["images"], images[:10])
+    notice = (out / "LICENSE-fashion-mnist.txt").read_text()
+    assert "20 images (2 per class" in notice
+    assert "10\nimages (1 per class" in notice or "10 images (1 per class" in notice.replace("\n", " ")
+
+
+def test_validation_set_is_the_first_600_train_images_of_each_class():
+    data = fashion_mnist.load_validation(16)
+    assert data.class_counts() == [600] * 10
+    assert all(source.startswith("fashion-mnist:train:") for source in data.sources)
+    indices = [int(source.rsplit(":", 1)[1]) for source in data.sources]
+    assert indices == sorted(indices)
+    test = set(fashion_mnist.load_embedded(16).sources)
+    assert not test & set(data.sources)  # another file altogether: nothing shared with the task's images
+
+
+@needs_debian
+def test_validation_set_equals_the_debian_train_images():
+    images, labels = load_debian("train")
+    chosen = fashion_mnist.validation_indices(labels)
+    assert len(chosen) == 6000
+    data = fashion_mnist.load_validation(28)
+    assert np.array_equal((data.images[:, 0].numpy() * 255).round().astype(np.uint8), images[chosen])
+    for k in range(10):  # the first 600 of each class in file order
+        assert chosen[labels[chosen] == k].tolist() == np.flatnonzero(labels == k)[:600].tolist()
+
+
+def test_coarse_groups_cover_every_class_once():
+    members = [name for group in fashion_mnist.COARSE_GROUPS.values() for name in group]
+    assert sorted(members) == sorted(CLASS_NAMES)
+    assert fashion_mnist.COARSE_OF.tolist() == [0, 2, 0, 2, 0, 1, 0, 1, 2, 1]

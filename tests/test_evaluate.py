@@ -114,3 +114,17 @@ def test_summarise():
     result = summarise([0.4, 0.6])
     assert result["mean"] == pytest.approx(0.5)
     assert result["std"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_evaluation_classifiers_have_their_own_seed_stream():
+    from utilgen.evaluate import classifier_seed
+    from utilgen.models import build_classifier
+
+    def initial_weights(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return build_classifier("cnn-small", num_classes=10, in_channels=1, image_size=16).head[-1].weight
+
+    todv = initial_weights(0)  # TODV seeds its classifier with the run seed itself
+    evaluation = initial_weights(classifier_seed(0, "init"))
+    assert not torch.equal(todv, evaluation)
+    assert classifier_seed(0, "init") != classifier_seed(0, "batches") != classifier_seed(1, "init")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -143,15 +144,39 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
         embedded.load_weights(tmp_path)
 
 
-def test_committed_weights_load_and_a_corrupted_copy_is_caught(tmp_path):
-    gen = embedded.load_pretrained()
-    assert gen.num_classes == 10
+@pytest.mark.parametrize(("name", "classes"), [("coarse", 3), ("fine", 10)])
+def test_committed_weights_load_and_a_corrupted_copy_is_caught(tmp_path, name, classes):
+    gen = embedded.load_pretrained(name=name)
+    assert gen.num_classes == classes
     assert gen.latent_shape == (1, gen.image_size, gen.image_size)
     assert not any(p.requires_grad for m in gen.modules() for p in m.parameters())
     copy = tmp_path / "weights"
-    shutil.copytree(embedded.WEIGHTS_DIR, copy)
+    shutil.copytree(embedded.WEIGHTS_DIR / name, copy)
     with open(copy / embedded.WEIGHTS_NAME, "r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\x00\x01\x02\x03")
     with pytest.raises(embedded.WeightsError, match="fails its checksum"):
         embedded.load_weights(copy)
+
+
+def test_task_classes_start_from_their_coarse_group():
+    from utilgen.data.fashion_mnist import CLASS_NAMES, COARSE_NAMES
+
+    assert embedded.task_rows(COARSE_NAMES, CLASS_NAMES) == [0, 2, 0, 2, 0, 1, 0, 1, 2, 1]
+    assert embedded.task_rows(CLASS_NAMES, ["Ankle_Boot", "t-shirt"]) == [9, 0]  # by name, not position
+    with pytest.raises(ValueError, match="no token for 'digit-0'"):
+        embedded.task_rows(COARSE_NAMES, ["digit-0", "bag"])
+    gen = embedded.EmbeddedGenerator(embedded.TINY_CONFIG)
+    gen = embedded.EmbeddedGenerator(
+        dataclasses.replace(embedded.TINY_CONFIG, num_classes=3, class_names=COARSE_NAMES),
+        unet=gen.denoiser,
+    )
+    task = gen.for_task(CLASS_NAMES)
+    assert task.num_classes == 10
+    assert task.denoiser is gen.denoiser  # one network, a token per task class
+    assert torch.equal(task.class_tokens[5], gen.class_tokens[1])  # sandal starts at footwear
+    assert torch.equal(task.class_tokens[0], task.class_tokens[6])  # t-shirt and shirt: both tops
+    assert torch.equal(task.null_prompt_embeds(1), gen.null_prompt_embeds(1))
+    pretrained = gen.class_tokens.clone()
+    task.set_class_tokens(task.class_tokens + 1)  # learning a fine token leaves the pretrained ones alone
+    assert torch.equal(gen.class_tokens, pretrained)

@@ -170,7 +170,7 @@ def test_redenoise_keeps_the_statistics_of_standard_normal_noise():
     """
     from utilgen.generator import load_pretrained
 
-    gen = load_pretrained()
+    gen = load_pretrained(name="fine")
     n = 64
     labels = torch.arange(n) % gen.num_classes
     noise = gen.initial_noise(range(n))

@@ -109,8 +109,10 @@ LAYERS = {
     "preflight": 5,
     "evaluate": 5,
     "report": 5,
+    "judge": 5,
     "run": 6,
     "pretrain": 6,
+    "experiment": 6,
 }
 
 

@@ -125,7 +125,7 @@ def test_every_command_line_flag_the_readme_names_is_accepted():
 
 def test_every_preset_the_readme_names_exists_and_each_is_named():
     named = set()
-    for choices in re.findall(r"--preset ([\w|]+)", _text()):
+    for choices in re.findall(r"--preset ([\w|-]+)", _text()):
         named |= set(choices.split("|"))
     assert named == set(config.PRESETS)
 

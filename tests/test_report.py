@@ -86,7 +86,18 @@ def _full_metrics() -> dict:
                 "mean_candidate_utility": 0.41,
             },
         ],
-        "ilpo": {"utility_before": 0.40, "utility_after": 0.46},
+        "ilpo": {
+            "utility_before": 0.40,
+            "utility_after": 0.46,
+            "instances": 9,
+            "prompt_moved": 3,
+            "moved_utility_before": 0.2,
+            "moved_utility_after_prompt": 0.35,
+        },
+        "judge": {
+            "plain": {"fine": 0.4, "coarse": 0.95, "images": 9, "per_class": {}},
+            "utilgen": {"fine": 0.5, "coarse": 0.96, "images": 9, "per_class": {}},
+        },
         "timings": {"generate": 12.0, "valuation": 90.0},
         "machine": {"cpu": "2 cores"},
     }
@@ -149,6 +160,7 @@ def test_full_report_sections_and_numbers(full_run):
         "Experiment",
         "Test accuracy",
         "Synthetic utility",
+        "What the pools show (the judge)",
         "Learned weight curve w(loss)",
         "MLCO (Diffusion-DPO rounds)",
         "ILPO (prompt and noise optimisation)",
@@ -335,3 +347,10 @@ def test_import_loads_neither_matplotlib_nor_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_full_report_says_what_the_pools_show_and_how_many_instances_moved(full_run):
+    text = (full_run / "report.md").read_text()
+    assert "## What the pools show (the judge)" in text
+    assert "| plain | 9 | 40.0 | 95.0 |" in text
+    assert "The prompt ascent moved 3 of 9 instances; their utility with the class prompt 0.200" in text

@@ -19,6 +19,10 @@ COMPARISONS = (
     ("utilgen joint", "real-only"),
 )
 ABLATION_SETTINGS = ("+mlco synthetic-only", "+prompt synthetic-only", "+noise synthetic-only")
+# Re-denoising a noise samples it at a high guidance, which alone can help: the matched control is plain
+# generation at that guidance (the ablation's "plain high-guidance" pool).
+HIGH_GUIDANCE = "plain high-guidance synthetic-only"
+CONTROLS = (("+noise synthetic-only", HIGH_GUIDANCE), ("utilgen synthetic-only", HIGH_GUIDANCE))
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; between entries and beyond the last the
 # smaller df is used (a slightly wider, conservative interval).
@@ -62,7 +66,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
 def comparisons(accuracy: dict) -> list[dict]:
     """Every comparison of ``COMPARISONS`` (and the ablation pools vs plain) whose two settings were evaluated."""
-    pairs = list(COMPARISONS) + [(name, "plain synthetic-only") for name in ABLATION_SETTINGS]
+    ablation = (*ABLATION_SETTINGS, HIGH_GUIDANCE)
+    pairs = [*COMPARISONS, *((name, "plain synthetic-only") for name in ablation), *CONTROLS]
     found = []
     for a, b in pairs:
         if a in accuracy and b in accuracy:

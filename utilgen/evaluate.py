@@ -13,6 +13,7 @@ first classifier it had not finished, and the numbers are those of an uninterrup
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -81,7 +82,7 @@ def train_classifier(
     desc: str = "classifier",
 ) -> nn.Module:
     """A fresh ``config.classifier`` trained on ``train``: SGD (momentum 0.9, wd 5e-4), cosine lr, ``config.steps``."""
-    torch.manual_seed(seed)  # the initialisation
+    torch.manual_seed(classifier_seed(seed, "init"))  # the initialisation
     model = build_classifier(
         config.classifier,
         num_classes=len(train.class_names),
@@ -90,7 +91,7 @@ def train_classifier(
     ).to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.steps)
-    rng = torch.Generator().manual_seed(seed)  # batches and augmentation
+    rng = torch.Generator().manual_seed(classifier_seed(seed, "batches"))  # batches and augmentation
     images, labels = train.images.to(device), train.labels.to(device)
     model.train()
     for step in tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False):
@@ -108,6 +109,12 @@ def train_classifier(
         optimiser.step()
         schedule.step()
     return model.eval()
+
+
+def classifier_seed(seed: int, purpose: str) -> int:
+    """The evaluation classifiers' own seed stream. TODV seeds its classifier with the run seed itself, so
+    seeding evaluation seed 0 the same way started that classifier from TODV's exact initial weights."""
+    return int.from_bytes(hashlib.sha256(f"evaluation:{purpose}:{seed}".encode()).digest()[:7], "little")
 
 
 @torch.no_grad()

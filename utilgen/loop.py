@@ -40,6 +40,7 @@ from utilgen.data import (
 from utilgen.evaluate import TrainingSet, joint
 from utilgen.generator import Generator, build_generator
 from utilgen.io import atomic_write_json
+from utilgen.judge import judge_pools
 from utilgen.metrics import collect_metrics
 from utilgen.preflight import planned_bytes
 from utilgen.rundir import RunDirectory
@@ -52,7 +53,7 @@ __all__ = ["StageError", "run"]
 
 # Seeds of the generated images: run seed x 10^7 + an offset per pool + the image's index in it.
 _SEED_OFFSETS = {"pool0": 1_000_000, "final": 2_000_000, "mlco": 3_000_000}
-ABLATION_POOLS = ("ablation-mlco", "ablation-prompt", "ablation-noise")
+ABLATION_POOLS = ("ablation-mlco", "ablation-prompt", "ablation-noise", "ablation-high-guidance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,8 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
         **ablation_pools,
     }
     pools.update({f"mlco-round-{r}": outputs.load_pool(directory, f"mlco-{r}") for r in range(1, cfg.mlco.rounds + 1)})
-    metrics = collect_metrics(cfg, directory, real, results, device)
+    judged = judge_pools(pools, real.class_names)  # what each pool shows, by a classifier the method never reads
+    metrics = collect_metrics(cfg, directory, real, results, device, judged)
     with stages.stage("report", [], ["metrics.json", "report.md", "plots"]) as needed:
         if needed:
             from utilgen.report import write_report  # matplotlib: only when a report is written
@@ -316,10 +318,16 @@ def ablation(
     ascend_below: float | None,
     ctx: RunContext,
 ) -> None:
-    """+MLCO (class prompts, tuned generator), +prompt and +noise (ILPO parts, generator without MLCO)."""
+    """+MLCO (class prompts, tuned generator), +prompt and +noise (ILPO parts, generator without MLCO), and
+    plain generation at the re-denoise's high guidance (the control +noise is read against)."""
     outputs.save_pool(ctx.directory, "ablation-mlco", generate_plain(generator, labels, seeds, ctx, stage="ablation"))
     base = build_generator(ctx.cfg.generator, ctx.real.class_names, generator.device)
     base.set_class_tokens(generator.class_tokens.clone())
+    high = dataclasses.replace(ctx.cfg.generator, guidance_scale=ctx.cfg.ilpo.redenoise_high_guidance)
+    high_ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, generator=high))
+    outputs.save_pool(
+        ctx.directory, "ablation-high-guidance", generate_plain(base, labels, seeds, high_ctx, stage="ablation")
+    )
     ilpo = ctx.cfg.ilpo  # the final pool's ILPO, one part at a time
     for name, part in (
         ("ablation-prompt", dataclasses.replace(ilpo, noise_strategy="none")),
@@ -342,7 +350,6 @@ def evaluation_settings(
         settings.append(TrainingSet(f"{name} synthetic-only", synthetic, "synthetic", name))
         settings.append(TrainingSet(f"{name} joint", joint(real.train, synthetic), "joint", name))
     for name, pool in ablation_pools.items():
-        settings.append(
-            TrainingSet(f"{name.replace('ablation-', '+')} synthetic-only", pool.to_labelled(), "synthetic", name)
-        )
+        label = "plain high-guidance" if name == "ablation-high-guidance" else name.replace("ablation-", "+")
+        settings.append(TrainingSet(f"{label} synthetic-only", pool.to_labelled(), "synthetic", name))
     return settings

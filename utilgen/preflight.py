@@ -11,7 +11,6 @@ and compares the disk space the run plans to write with what is free. It raises
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def check_run_directory_outside_data(cfg: Config, directory: Path, resuming: boo
     """The run directory is not inside the ImageFolder: there it would read as one more class folder,
     so the run could not be resumed and every later run on that data would fail. Real paths are compared,
     so a symlink or ``..`` cannot hide it."""
-    if cfg.data.source == "embedded":
+    if cfg.data.source in ("embedded", "validation"):
         return
     data = Path(cfg.data.source).resolve()
     run = directory.resolve()
@@ -136,17 +135,24 @@ def check_stable_diffusion(cfg: Config, device: torch.device) -> None:
         )
 
 
+def _shipped_data():
+    from utilgen.data.fashion_mnist import load_embedded, load_validation
+
+    return {"embedded": load_embedded, "validation": load_validation}
+
+
 def load_task_data(cfg: Config) -> LabelledImages:
     """The real dataset the splits are cut from (embedded Fashion-MNIST or an ImageFolder), checked."""
-    from utilgen.data import load_embedded, load_image_folder
+    from utilgen.data import load_image_folder
 
-    if cfg.data.source == "embedded":
+    shipped = _shipped_data()
+    if cfg.data.source in shipped:
         if cfg.data.channels != 1:
             raise ConfigError(
-                "the embedded Fashion-MNIST data is grayscale: data.channels must be 1 "
+                f"the {cfg.data.source} Fashion-MNIST data is grayscale: data.channels must be 1 "
                 "(give --data PATH for an RGB ImageFolder)"
             )
-        return load_embedded(cfg.data.image_size)
+        return shipped[cfg.data.source](cfg.data.image_size)
     data, report = load_image_folder(cfg.data.source, image_size=cfg.data.image_size, channels=cfg.data.channels)
     log.info("ImageFolder %s: %s", cfg.data.source, report.counts)
     return data
@@ -172,11 +178,6 @@ def check_generator_fits_data(cfg: Config, data: LabelledImages) -> None:
         )
 
 
-def _class_key(name: str) -> str:
-    """A class name compared without case, spaces or punctuation: "Ankle_Boot" and "ankle boot" agree."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def in_generator_class_order(cfg: Config, data: LabelledImages) -> LabelledImages:
     """``data`` relabelled so that label k is the embedded generator's class k, matched by name.
 
@@ -189,6 +190,7 @@ def in_generator_class_order(cfg: Config, data: LabelledImages) -> LabelledImage
     if cfg.generator.kind != "embedded":
         return data
     from utilgen.data.fashion_mnist import CLASS_NAMES
+    from utilgen.generator.embedded import class_key as _class_key
 
     wanted = {_class_key(name): k for k, name in enumerate(CLASS_NAMES)}
     wanted["tshirt"] = wanted["tshirttop"]

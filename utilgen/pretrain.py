@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--labels",
+        choices=("coarse", "fine"),
+        default="coarse",
+        help="coarse: the three groups tops/footwear/other (the default generator); fine: the ten classes "
+        "(the in-domain preset's generator)",
+    )
+    parser.add_argument(
+        "--hold-out-per-class",
+        type=int,
+        default=600,
+        help="leave out the first N train-file images of each class: the validation set (default 600)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model and tiny data (smoke test)")
     parser.add_argument("--evaluate", action="store_true", help="measure recognisability and sampling speed")
     parser.add_argument(
@@ -63,13 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _training_images(generator, limit: int | None):
-    """(images (N, C, S, S) in [-1, 1], labels (N,)) from the Debian *train* file."""
+def _training_images(generator, limit: int | None, *, labels_kind: str, hold_out_per_class: int):
+    """(images (N, C, S, S) in [-1, 1], labels (N,)) from the Debian *train* file, less the validation
+    images, labelled with the fine classes or their coarse groups."""
+    import numpy as np
     import torch
 
-    from utilgen.data.fashion_mnist import load_debian
+    from utilgen.data.fashion_mnist import COARSE_OF, load_debian, validation_indices
 
     images, labels = load_debian("train")
+    keep = np.setdiff1d(np.arange(len(labels)), validation_indices(labels, hold_out_per_class))
+    images, labels = images[keep], labels[keep]
+    if labels_kind == "coarse":
+        labels = COARSE_OF[labels]
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     pixels = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # (N, 1, 28, 28)
@@ -216,20 +236,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from utilgen.data.fashion_mnist import CLASS_NAMES, COARSE_NAMES
     from utilgen.generator.embedded import TINY_CONFIG, EmbeddedConfig, EmbeddedGenerator, load_weights, save_weights
     from utilgen.io import atomic_write_json
 
     torch.manual_seed(args.seed)
-    config = TINY_CONFIG if args.tiny else EmbeddedConfig()
+    names = COARSE_NAMES if args.labels == "coarse" else CLASS_NAMES
+    config = dataclasses.replace(
+        TINY_CONFIG if args.tiny else EmbeddedConfig(), num_classes=len(names), class_names=names
+    )
+    data = {"labels_kind": args.labels, "hold_out_per_class": args.hold_out_per_class}
     progress = not args.quiet
     report_path = args.out / "pretrain_report.json"
     if args.evaluate_only:
         ema = load_weights(args.out)
-        images, labels = _training_images(ema, limit=512 if args.tiny else None)
+        images, labels = _training_images(ema, limit=512 if args.tiny else None, **data)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
     else:
         generator = EmbeddedGenerator(config)
-        images, labels = _training_images(generator, limit=512 if args.tiny else None)
+        images, labels = _training_images(generator, limit=512 if args.tiny else None, **data)
         start = time.perf_counter()
         ema, losses = train(
             generator,
@@ -259,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(train_seconds, 1),
             "seconds_per_step": round(train_seconds / max(args.steps, 1), 3),
             "final_loss_mean_last_50": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 5),
-            "training_data": "Fashion-MNIST Debian train file (disjoint from the task's test-file images)",
+            "labels": args.labels,
+            "class_names": list(names),
+            "hold_out_per_class": args.hold_out_per_class,
+            "training_data": "Fashion-MNIST Debian train file less the first hold_out_per_class images of each "
+            "class (the validation set); disjoint from the task's test-file images",
             "threads": torch.get_num_threads(),
         }
     if args.evaluate or args.evaluate_only:

@@ -99,6 +99,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], pools: Mapping
         _title_section(experiment),
         _accuracy_section(accuracy, metrics.get("comparisons")),
         _utility_section(pools),
+        _judge_section(metrics.get("judge")),
         _valuation_section(metrics.get("valuation"), _class_count(pools, experiment)),
         _mlco_section(metrics.get("mlco")),
         _ilpo_section(metrics.get("ilpo")),
@@ -323,6 +324,36 @@ def _ilpo_section(ilpo: Mapping[str, Any] | None) -> _Section:
         lines.append(_skipped("ILPO", "metrics has no `ilpo.utility_before` and `ilpo.utility_after`"))
     else:
         lines.append(f"Mean utility of the optimised instances: {before:.3f} → {after:.3f} ({after - before:+.3f}).")
+        moved, count = (ilpo or {}).get("prompt_moved"), (ilpo or {}).get("instances")
+        if moved is not None and count:
+            lines.append(
+                f"The prompt ascent moved {moved} of {count} instances"
+                + (
+                    f"; their utility with the class prompt {ilpo['moved_utility_before']:.3f}, at the optimised "
+                    f"prompt {ilpo['moved_utility_after_prompt']:.3f}."
+                    if moved and _finite(ilpo.get("moved_utility_before"))
+                    else "."
+                )
+            )
+    return _Section("\n".join(lines))
+
+
+def _judge_section(judged: Mapping[str, Any] | None) -> _Section:
+    lines = ["## What the pools show (the judge)", ""]
+    if not judged:
+        lines.append(_skipped("the judge", "it reads Fashion-MNIST's ten classes only"))
+        return _Section("\n".join(lines))
+    lines += [
+        "A fine-label classifier trained on the Fashion-MNIST train file (less the validation set), never read",
+        "by the method, says which share of each pool shows its own class, and its class's group",
+        "(tops, footwear, other).",
+        "",
+        _table(
+            ["pool", "images", "right class %", "right group %"],
+            [[name, str(v["images"]), _percent(v["fine"]), _percent(v["coarse"])] for name, v in judged.items()],
+            "lrrr",
+        ),
+    ]
     return _Section("\n".join(lines))
 
 

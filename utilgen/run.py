@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--preset",
-        help="smoke | default | sd21 (Stable Diffusion 2.1; needs --generator and --data). "
+        help="smoke | default | in-domain (the default with a generator that already knows the ten classes) | "
+        "sd21 (Stable Diffusion 2.1; needs --generator and --data). "
         "Default: the config file's `preset`, else default",
     )
     run.add_argument("--config", metavar="FILE", help="YAML or TOML file of sections, e.g. [mlco] rounds = 2")
@@ -168,7 +169,7 @@ def resolve(args: argparse.Namespace):
     config = build_config(preset, file_values, shortcuts + list(args.overrides), file_name=file_name)
     if config.generator.kind == "stable-diffusion" and not config.generator.path:
         raise ConfigError("the Stable Diffusion generator needs its directory: --generator PATH")
-    if config.preset == "sd21" and config.data.source in ("", "embedded"):
+    if config.preset == "sd21" and config.data.source in ("", "embedded", "validation"):
         raise ConfigError("the sd21 preset needs your data: --data PATH (an ImageFolder, PATH/<class>/<image>)")
     out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return config, out

@@ -136,11 +136,17 @@ def ilpo_summary(history: adaptation.ILPOHistory, pool: SyntheticPool) -> dict:
     """Mean utility with the class prompt, at the optimised prompt (differentiable proxy), of the final images."""
     before = torch.cat([h.utility_before for h in history.prompt]) if history.prompt else torch.empty(0)
     after = torch.cat([h.utility_after for h in history.prompt]) if history.prompt else torch.empty(0)
+    # An instance moved when its prompt changed at all (repair mode holds the ones above the threshold still).
+    moved = torch.cat([h.change.sum(0) > 0 for h in history.prompt]) if history.prompt else torch.empty(0, dtype=bool)
     # No wall times here (the manifest has the stage's): this file is a result, equal across resumed runs.
     return {
         "utility_before": _mean(before),
         "utility_after_prompt": _mean(after),
         "utility_after": _mean(pool.utilities),
+        "instances": len(pool),
+        "prompt_moved": int(moved.sum()),
+        "moved_utility_before": _mean(before[moved]),
+        "moved_utility_after_prompt": _mean(after[moved]),
     }
 
 

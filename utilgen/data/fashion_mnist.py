@@ -33,6 +33,22 @@ CLASS_NAMES = (
     "ankle boot",
 )
 
+# The coarse knowledge of the default generator (docs/method.md, "The regime"): it was trained on
+# these three groups only, so it knows "footwear", not "sandal" vs "sneaker", as Stable Diffusion knows
+# "aircraft" and not the variant. Each fine class's token starts from its group's token.
+COARSE_GROUPS = {
+    "tops": ("t-shirt/top", "pullover", "coat", "shirt"),
+    "footwear": ("sandal", "sneaker", "ankle boot"),
+    "other": ("trouser", "dress", "bag"),
+}
+COARSE_NAMES = tuple(COARSE_GROUPS)
+PARENT = {fine: group for group, members in COARSE_GROUPS.items() for fine in members}
+COARSE_OF = np.array([COARSE_NAMES.index(PARENT[name]) for name in CLASS_NAMES], dtype=np.int64)  # fine -> coarse
+
+# The validation set: the first 600 images of each class of the Debian *train* file, in file order. The
+# default (coarse) generator was trained without them and no test read touches them: settings are tuned here.
+VALIDATION_PER_CLASS = 600
+
 DEBIAN_DIR = Path(os.environ.get("UTILGEN_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -42,6 +58,7 @@ _FILES = {
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_FILE = ASSETS_DIR / "fashion_mnist_subset.npz"  # written by scripts/make_fashion_mnist_subset.py
+VALIDATION_FILE = ASSETS_DIR / "fashion_mnist_validation.npz"  # likewise
 LICENSE_FILE = ASSETS_DIR / "LICENSE-fashion-mnist.txt"
 
 
@@ -113,18 +130,35 @@ def load_embedded(image_size: int = 16) -> LabelledImages:
     Returns images (3000, 1, image_size, image_size) float32 in [0, 1], labels (3000,) int64,
     ``sources`` = "fashion-mnist:test:<index in the Debian test file>". Needs no Debian package.
     """
-    if not EMBEDDED_FILE.exists():
+    return _load_shipped(EMBEDDED_FILE, "test", image_size)
+
+
+def load_validation(image_size: int = 16) -> LabelledImages:
+    """The validation set shipped with utilgen: the first 600 train-file images of each class, which the
+    default (coarse) generator was trained without. Settings are tuned on it (``data.source=validation``),
+    never on the test subset. ``sources`` = "fashion-mnist:train:<index in the Debian train file>"."""
+    return _load_shipped(VALIDATION_FILE, "train", image_size)
+
+
+def _load_shipped(path: Path, split: str, image_size: int) -> LabelledImages:
+    if not path.exists():
         raise FileNotFoundError(
-            f"the embedded Fashion-MNIST subset {EMBEDDED_FILE} is missing from this install; reinstall utilgen "
+            f"the shipped Fashion-MNIST file {path} is missing from this install; reinstall utilgen "
             "or regenerate it with scripts/make_fashion_mnist_subset.py"
         )
-    with np.load(EMBEDDED_FILE, allow_pickle=False) as archive:
+    with np.load(path, allow_pickle=False) as archive:
         images = archive["images"]  # (N, 28, 28) uint8
         labels = archive["labels"].astype(np.int64)  # (N,)
-        indices = archive["indices"]  # (N,) int32 into the Debian test file
+        indices = archive["indices"]  # (N,) int32 into the Debian file
     return LabelledImages(
         images=uint8_to_tensor(resize_uint8(images, image_size)),
         labels=torch.from_numpy(labels),
         class_names=CLASS_NAMES,
-        sources=tuple(f"fashion-mnist:test:{int(i)}" for i in indices),
+        sources=tuple(f"fashion-mnist:{split}:{int(i)}" for i in indices),
     )
+
+
+def validation_indices(labels: np.ndarray, per_class: int = VALIDATION_PER_CLASS) -> np.ndarray:
+    """Positions (ascending) of the first ``per_class`` images of each class in ``labels`` (file order)."""
+    chosen = [np.flatnonzero(labels == k)[:per_class] for k in range(len(CLASS_NAMES))]
+    return np.sort(np.concatenate(chosen))

@@ -15,7 +15,7 @@ def build_generator(config: GeneratorConfig, class_names: tuple[str, ...], devic
     if config.kind == "embedded":
         from utilgen.generator.embedded import load_pretrained
 
-        return load_pretrained(device)
+        return load_pretrained(device, config.embedded_weights).for_task(class_names)
     from utilgen.generator.stable_diffusion import StableDiffusionGenerator
 
     return StableDiffusionGenerator.from_directory(

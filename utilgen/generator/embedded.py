@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utilgen.data.fashion_mnist import CLASS_NAMES as FINE_NAMES
+from utilgen.data.fashion_mnist import PARENT
 from utilgen.generator.base import Generator
 from utilgen.io import file_sha256
 
@@ -37,6 +40,7 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 @dataclass(frozen=True)
 class EmbeddedConfig:
     num_classes: int = 10
+    class_names: tuple[str, ...] = FINE_NAMES  # what each pretrained class is (fine classes or coarse groups)
     image_size: int = 16
     channels: int = 1
     block_out_channels: tuple[int, ...] = (32, 48, 64)
@@ -54,8 +58,9 @@ class EmbeddedConfig:
         if unknown:
             raise ValueError(f"unknown EmbeddedConfig keys: {sorted(unknown)}")
         values = dict(values)
-        if "block_out_channels" in values:
-            values["block_out_channels"] = tuple(values["block_out_channels"])
+        for key in ("block_out_channels", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -170,6 +175,23 @@ class EmbeddedGenerator(Generator):
         """(N, L, D) prompts for labels in [0, K]; K is the null class. Differentiable in the embedding (training)."""
         return self.class_embedding(labels).view(labels.shape[0], *self.prompt_shape)
 
+    # ---- the task's classes ----
+    def for_task(self, class_names: tuple[str, ...] | list[str]) -> EmbeddedGenerator:
+        """The same network with one class token per task class, each starting from the pretrained token of
+        that class or of its coarse group (``task_rows``); the null token is kept. Weights are shared.
+
+        A generator pretrained on the three coarse groups knows "footwear", not "sandal": textual inversion
+        starts each fine class at its group and learns the difference from the few shots.
+        """
+        rows = task_rows(self.config.class_names, class_names)
+        weight = self.class_embedding.weight.detach()
+        task_embedding = nn.Embedding(len(rows) + 1, weight.shape[1]).to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            task_embedding.weight.copy_(weight[[*rows, self.num_classes]])
+        task_embedding.requires_grad_(False)
+        config = dataclasses.replace(self.config, num_classes=len(rows), class_names=tuple(class_names))
+        return EmbeddedGenerator(config, unet=self.denoiser, class_embedding=task_embedding)
+
     # ---- images ----
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, C, H', W') in [0, 1] -> (N, C, S, S) in [-1, 1], resized (antialiased bilinear) to S."""
@@ -194,6 +216,31 @@ class EmbeddedGenerator(Generator):
         self.denoiser.load_state_dict(unet_state, strict=True)
         with torch.no_grad():
             self.class_embedding.weight.copy_(state["class_embedding.weight"])
+
+
+def class_key(name: str) -> str:
+    """A class name compared without case, spaces or punctuation: "Ankle_Boot" and "ankle boot" agree."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def task_rows(pretrained: tuple[str, ...], task: tuple[str, ...] | list[str]) -> list[int]:
+    """For each task class, the pretrained class whose token it starts from: itself, or its coarse group
+    (``fashion_mnist.PARENT``). Names compare without case or punctuation; "t-shirt" means "t-shirt/top".
+    Raises ValueError naming the classes the generator does not know."""
+    known = {class_key(name): row for row, name in enumerate(pretrained)}
+    parent = {class_key(fine): class_key(group) for fine, group in PARENT.items()}
+    parent["tshirt"] = parent[class_key("t-shirt/top")]
+    aliases = {"tshirt": class_key("t-shirt/top")}
+    rows, unknown = [], []
+    for name in task:
+        key = aliases.get(class_key(name), class_key(name))
+        row = known.get(key, known.get(parent.get(key, "")))
+        (unknown.append(name) if row is None else rows.append(row))
+    if unknown:
+        raise ValueError(
+            f"the embedded generator knows {', '.join(pretrained)}; it has no token for {', '.join(map(repr, unknown))}"
+        )
+    return rows
 
 
 # ---- weights on disk -------------------------------------------------------------------------
@@ -257,6 +304,12 @@ def load_weights(directory: str | Path, device: torch.device | str = "cpu") -> E
     return generator
 
 
-def load_pretrained(device: torch.device | str = "cpu") -> EmbeddedGenerator:
-    """The weights shipped with utilgen (``utilgen/generator/weights/``), checksum verified."""
-    return load_weights(WEIGHTS_DIR, device)
+SHIPPED = ("coarse", "fine")  # weights/<name>/: the default generator; the in-domain preset's
+
+
+def load_pretrained(device: torch.device | str = "cpu", name: str = "coarse") -> EmbeddedGenerator:
+    """Shipped weights (``utilgen/generator/weights/<name>/``), checksum verified: "coarse" knows the three
+    groups tops/footwear/other (the default), "fine" the ten Fashion-MNIST classes (in-domain)."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped embedded weights named {name!r}; choose one of {', '.join(SHIPPED)}")
+    return load_weights(WEIGHTS_DIR / name, device)

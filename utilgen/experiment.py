@@ -1,0 +1,180 @@
+"""``python -m utilgen.experiment``: studies on the validation set, through the library's own stages.
+
+``tokens``: how well plain generation does with learned class tokens, per textual-inversion setting,
+on the validation set (the first 600 train-file images of each class; the default generator was trained
+without them and no test read touches them). For each setting and pipeline seed it cuts the few-shot
+splits from the validation images (the seed is the split seed and the run seed), learns the tokens,
+draws the plain pool exactly as a run does (``loop.generate_plain``), asks the judge what the pool
+shows (fine class, coarse group), and trains the evaluation recipe's classifiers on the pool alone,
+scored on the rest of the validation images.
+
+This is the gate of the coarse regime (docs/method.md, "The regime"): plain generation with tuned
+tokens must be clearly above chance within a group and judged fine-correct below 80%, or the regime
+has not been reached. Tune plain first, before any UtilGen setting.
+
+Every (setting, seed) result is written atomically to ``OUT/<setting>/seed-<p>.json`` as it finishes; a
+rerun skips the ones already there, so a killed study resumes. ``OUT/summary.json`` gathers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("utilgen.experiment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m utilgen.experiment", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="study", required=True)
+    tokens = sub.add_parser("tokens", help="plain generation per textual-inversion setting, on validation")
+    tokens.add_argument("--out", type=Path, required=True, help="study directory (resumable)")
+    tokens.add_argument("--preset", default="default")
+    tokens.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values; several --grid give their product (e.g. --grid tokens.lr=5e-3,2.5e-2)",
+    )
+    tokens.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    tokens.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
+    tokens.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def grid_settings(grid: list[str]) -> list[list[str]]:
+    """Each setting of the product of ``--grid KEY=V1,V2`` as a list of ``KEY=V`` overrides."""
+    axes = []
+    for item in grid:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            raise SystemExit(f"--grid takes KEY=V1,V2,..., got {item!r}")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(combination) for combination in itertools.product(*axes)] or [[]]
+
+
+def setting_name(overrides: list[str]) -> str:
+    return "__".join(overrides).replace("/", "_") or "as-configured"
+
+
+def tokens_study(cfg, seed: int, *, judge, progress: bool) -> dict:
+    """One pipeline seed of one setting: the plain pool's judged correctness and synthetic-only accuracy."""
+    import torch
+
+    from utilgen.data import make_splits
+    from utilgen.evaluate import TrainingSet, evaluate
+    from utilgen.generator import build_generator
+    from utilgen.loop import RunContext, generate_plain, instance_list, learn_tokens
+    from utilgen.preflight import load_task_data
+    from utilgen.stages import stage_seed
+
+    device = torch.device("cpu")
+    data = load_task_data(cfg)
+    real = make_splits(
+        data,
+        shots_per_class=cfg.data.shots_per_class,
+        meta_per_class=cfg.data.meta_per_class,
+        test_per_class=cfg.data.test_per_class,
+        seed=cfg.data.split_seed,
+    )
+    ctx = RunContext(cfg, None, device, real, progress)
+    generator = build_generator(cfg.generator, real.class_names, device)
+    start_tokens = generator.class_tokens.clone()
+    torch.manual_seed(stage_seed(cfg.run.seed, "tokens"))  # as the run's stage does
+    tokens = learn_tokens(generator, ctx)
+    generator.set_class_tokens(tokens.to(device))
+    moved = ((tokens - start_tokens).flatten(1).norm(dim=1) / start_tokens.flatten(1).norm(dim=1)).tolist()
+    labels, seeds = instance_list(len(real.class_names), cfg.final_per_class(), cfg.run.seed, "final")
+    torch.manual_seed(stage_seed(cfg.run.seed, "plain"))
+    pool = generate_plain(generator, labels, seeds, ctx, stage="plain")
+    accuracy = evaluate(
+        [TrainingSet("plain synthetic-only", pool.to_labelled(), "synthetic", "plain")],
+        real.test,
+        cfg.evaluation,
+        device=device,
+        progress=progress,
+    )["plain synthetic-only"]
+    return {
+        "seed": seed,
+        "judge": judge.verdicts(pool.images, pool.labels),
+        "plain_synthetic_only": accuracy,
+        "token_moved_relative": [round(m, 4) for m in moved],
+        "validation_test_images": len(real.test.labels),
+    }
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    from utilgen.config import build_config
+    from utilgen.io import atomic_write_json
+    from utilgen.judge import load_judge
+
+    judge = load_judge()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    summary_path = args.out / "summary.json"  # earlier invocations' settings stay in it
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for overrides in grid_settings(args.grid):
+        name = setting_name(overrides)
+        rows = []
+        for seed in seeds:
+            path = args.out / name / f"seed-{seed}.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                continue
+            settings = [
+                "data.source=validation",
+                f"run.seed={seed}",
+                f"data.split_seed={seed}",
+                *args.overrides,
+                *overrides,
+            ]
+            cfg = build_config(args.preset, None, settings)
+            start = time.perf_counter()
+            row = tokens_study(cfg, seed, judge=judge, progress=not args.quiet)
+            row.update(seconds=round(time.perf_counter() - start, 1), config=cfg.to_dict())
+            atomic_write_json(path, row)
+            rows.append(row)
+            log.info("%s seed %d: %s", name, seed, _line(row))
+        summary[name] = _summarise(rows)
+        print(f"{name}: {json.dumps(summary[name])}", flush=True)
+    atomic_write_json(summary_path, summary)
+    return 0
+
+
+def _line(row: dict) -> str:
+    return (
+        f"judged fine {row['judge']['fine']:.3f} coarse {row['judge']['coarse']:.3f}, "
+        f"plain synthetic-only {row['plain_synthetic_only']['mean']:.4f}"
+    )
+
+
+def _summarise(rows: list[dict]) -> dict:
+    def mean(values):
+        return round(statistics.fmean(values), 4)
+
+    return {
+        "seeds": [row["seed"] for row in rows],
+        "judged_fine": mean([row["judge"]["fine"] for row in rows]),
+        "judged_coarse": mean([row["judge"]["coarse"] for row in rows]),
+        "plain_synthetic_only": mean([row["plain_synthetic_only"]["mean"] for row in rows]),
+        "plain_synthetic_only_per_seed": [round(row["plain_synthetic_only"]["mean"], 4) for row in rows],
+        "token_moved_relative": mean([statistics.fmean(row["token_moved_relative"]) for row in rows]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    if args.study == "tokens":
+        return run_tokens(args)
+    raise AssertionError(args.study)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
