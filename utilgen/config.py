@@ -132,8 +132,11 @@ class GeneratorConfig:
 class TokensConfig:
     """Textual inversion: per-class tokens from the real shots (docs/method.md, "Class tokens")."""
 
-    steps: int = 200
-    lr: float = 5e-3
+    # Tuned for plain generation on the validation set, before any UtilGen setting (issue 11's gate;
+    # benchmarks/results/tuning-tokens-validation.json): of 200/400 steps x lr 5e-3/2.5e-2/1e-1, 400 at 0.1
+    # gave plain the best synthetic-only accuracy (the grid's edge: plain might gain from more).
+    steps: int = 400
+    lr: float = 0.1
     batch_size: int = 32
 
     def __post_init__(self) -> None:
