@@ -229,13 +229,15 @@ def task_rows(pretrained: tuple[str, ...], task: tuple[str, ...] | list[str]) ->
     Raises ValueError naming the classes the generator does not know."""
     known = {class_key(name): row for row, name in enumerate(pretrained)}
     parent = {class_key(fine): class_key(group) for fine, group in PARENT.items()}
-    parent["tshirt"] = parent[class_key("t-shirt/top")]
     aliases = {"tshirt": class_key("t-shirt/top")}
     rows, unknown = [], []
     for name in task:
         key = aliases.get(class_key(name), class_key(name))
         row = known.get(key, known.get(parent.get(key, "")))
-        (unknown.append(name) if row is None else rows.append(row))
+        if row is None:
+            unknown.append(name)
+        else:
+            rows.append(row)
     if unknown:
         raise ValueError(
             f"the embedded generator knows {', '.join(pretrained)}; it has no token for {', '.join(map(repr, unknown))}"
