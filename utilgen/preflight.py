@@ -190,11 +190,9 @@ def in_generator_class_order(cfg: Config, data: LabelledImages) -> LabelledImage
     if cfg.generator.kind != "embedded":
         return data
     from utilgen.data.fashion_mnist import CLASS_NAMES
-    from utilgen.generator.embedded import class_key as _class_key
+    from utilgen.generator.embedded import matching_rows
 
-    wanted = {_class_key(name): k for k, name in enumerate(CLASS_NAMES)}
-    wanted["tshirt"] = wanted["tshirttop"]
-    order = [wanted.get(_class_key(name)) for name in data.class_names]  # data label -> generator class
+    order = matching_rows(CLASS_NAMES, data.class_names)  # data label -> generator class
     unknown = [name for name, k in zip(data.class_names, order, strict=True) if k is None]
     if unknown or len(set(order)) != len(order):
         raise ConfigError(

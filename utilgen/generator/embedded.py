@@ -223,21 +223,21 @@ def class_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def task_rows(pretrained: tuple[str, ...], task: tuple[str, ...] | list[str]) -> list[int]:
+def matching_rows(pretrained: tuple[str, ...], task: tuple[str, ...] | list[str]) -> list[int | None]:
     """For each task class, the pretrained class whose token it starts from: itself, or its coarse group
-    (``fashion_mnist.PARENT``). Names compare without case or punctuation; "t-shirt" means "t-shirt/top".
-    Raises ValueError naming the classes the generator does not know."""
+    (``fashion_mnist.PARENT``); None when neither is known. Names compare without case or punctuation;
+    "t-shirt" means "t-shirt/top"."""
     known = {class_key(name): row for row, name in enumerate(pretrained)}
     parent = {class_key(fine): class_key(group) for fine, group in PARENT.items()}
     aliases = {"tshirt": class_key("t-shirt/top")}
-    rows, unknown = [], []
-    for name in task:
-        key = aliases.get(class_key(name), class_key(name))
-        row = known.get(key, known.get(parent.get(key, "")))
-        if row is None:
-            unknown.append(name)
-        else:
-            rows.append(row)
+    keys = [aliases.get(class_key(name), class_key(name)) for name in task]
+    return [known.get(key, known.get(parent.get(key, ""))) for key in keys]
+
+
+def task_rows(pretrained: tuple[str, ...], task: tuple[str, ...] | list[str]) -> list[int]:
+    """``matching_rows``, raising ValueError naming the classes the generator does not know."""
+    rows = matching_rows(pretrained, task)
+    unknown = [name for name, row in zip(task, rows, strict=True) if row is None]
     if unknown:
         raise ValueError(
             f"the embedded generator knows {', '.join(pretrained)}; it has no token for {', '.join(map(repr, unknown))}"
