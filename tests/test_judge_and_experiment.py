@@ -85,3 +85,22 @@ def test_a_study_resumes_from_the_settings_it_finished(tmp_path, monkeypatch):
     assert len(calls) == 4  # nothing ran twice
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tokens.steps=4"]["plain_synthetic_only_per_seed"] == [0.5, 0.5]
+
+
+def test_auroc_is_the_share_of_right_over_wrong_pairs_with_ties_half():
+    from utilgen.judge import auroc
+
+    generator = torch.Generator().manual_seed(0)
+    right = torch.randint(0, 5, (40,), generator=generator).float()  # many ties
+    wrong = torch.randint(0, 4, (30,), generator=generator).float()
+    pairs = (right[:, None] > wrong[None, :]).float() + 0.5 * (right[:, None] == wrong[None, :]).float()
+    assert auroc(right, wrong) == pytest.approx(float(pairs.mean()), abs=1e-4)
+    assert auroc(right, torch.empty(0)) is None
+
+
+def test_verdicts_report_the_utility_auroc_when_the_pool_is_valued():
+    labels = torch.tensor([5, 5, 5, 0])
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()
+    judge = Judge(_Says([5, 7, 1, 0]), image_size=16)  # right, wrong, wrong, right
+    assert judge.verdicts(images, labels, torch.tensor([0.9, 0.1, 0.2, 0.8]))["utility_auroc"] == 1.0
+    assert "utility_auroc" not in judge.verdicts(images, labels, torch.full((4,), float("nan")))

@@ -75,7 +75,7 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
     valuation.save(tmp_path / "todv")
     loaded = Valuation.load(tmp_path / "todv")
     config = json.loads((tmp_path / "todv" / "valuation.json").read_text())
-    assert config["weight_net"] == {"hidden": 100, "features": ["loss"]}
+    assert config["weight_net"] == {"kind": "meta-learned", "hidden": 100, "features": ["loss"]}
     assert config["classifier"] == "cnn-small"
     x, y = noisy.images[:200], noisy.labels[:200]
     assert torch.equal(loaded.score(x, y), valuation.score(x, y))
@@ -110,3 +110,34 @@ def test_curve_needs_the_loss_only_weight_net():
     with pytest.raises(ValueError, match="loss-only"):
         valuation.curve()
     assert valuation.score(noisy.images[:5], noisy.labels[:5]).shape == (5,)
+
+
+def test_classifier_loss_utility_is_p_of_the_label_without_meta_learning(tmp_path):
+    splits, noisy, _flipped = noisy_task(pool_size=200)
+    config = ValuationConfig(steps=40, batch_size=32, utility="classifier-loss")
+    valuation = fit_valuation(splits.train, noisy, splits.meta, config, progress=False)
+    assert valuation.history.meta_loss == []  # no meta step was taken
+    assert valuation.history.mean_weight_synthetic == pytest.approx([1.0] * 40, nan_ok=True)
+    with torch.no_grad():
+        expected = torch.softmax(valuation.classifier(noisy.images), 1).gather(1, noisy.labels.view(-1, 1)).squeeze(1)
+    scores = valuation.score(noisy.images, noisy.labels)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    # Differentiable like W_phi's utility: ILPO climbs it.
+    images = noisy.images[:4].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(valuation.utility(images, noisy.labels[:4]).sum(), images)
+    assert grad.abs().sum() > 0
+    loaded = Valuation.load(valuation.save(tmp_path / "v"))
+    torch.testing.assert_close(loaded.score(noisy.images, noisy.labels), scores)
+    assert json.loads((tmp_path / "v/valuation.json").read_text())["weight_net"] == {"kind": "classifier-loss"}
+
+
+def test_a_valuation_saved_before_its_kind_was_recorded_still_loads(fitted, tmp_path):
+    _, noisy, _, valuation = fitted
+    valuation.save(tmp_path / "old")
+    path = tmp_path / "old/valuation.json"
+    saved = json.loads(path.read_text())
+    del saved["weight_net"]["kind"]
+    path.write_text(json.dumps(saved))
+    torch.testing.assert_close(
+        Valuation.load(tmp_path / "old").score(noisy.images, noisy.labels), valuation.score(noisy.images, noisy.labels)
+    )

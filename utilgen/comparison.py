@@ -17,8 +17,19 @@ COMPARISONS = (
     ("utilgen synthetic-only", "plain synthetic-only"),
     ("utilgen joint", "plain joint"),
     ("utilgen joint", "real-only"),
+    # The baselines (baselines.enabled): UtilGen against each, and the joint pool against real only given
+    # the meta labels UtilGen reads.
+    ("utilgen synthetic-only", "plain + filter synthetic-only"),
+    ("utilgen synthetic-only", "datadream-style synthetic-only"),
+    ("utilgen synthetic-only", "plain untrained-tokens synthetic-only"),
+    ("utilgen joint", "real-only train+meta"),
 )
-ABLATION_SETTINGS = ("+mlco synthetic-only", "+prompt synthetic-only", "+noise synthetic-only")
+ABLATION_SETTINGS = (
+    "+mlco synthetic-only",
+    "+prompt synthetic-only",
+    "+noise synthetic-only",
+    "+mlco+prompt synthetic-only",
+)
 # Re-denoising a noise samples it at a high guidance, which alone can help: the matched control is plain
 # generation at that guidance (the ablation's "plain high-guidance" pool).
 HIGH_GUIDANCE = "plain high-guidance synthetic-only"

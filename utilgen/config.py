@@ -158,6 +158,7 @@ class SyntheticConfig:
 # The choices of a few stage settings, here so that a bad value fails before torch is even imported.
 NOISE_STRATEGIES = ("redenoise", "gradient", "none")
 DRIFTS = ("l2", "class_consistency")
+UTILITIES = ("meta-learned", "classifier-loss")
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 
 
@@ -168,6 +169,9 @@ class ValuationConfig:
     The run seed, the device and progress bars are the caller's, not settings of the stage.
     """
 
+    # "meta-learned": W_phi trained bi-level against the meta set (TODV). "classifier-loss": the ablation
+    # without meta-learning: the classifier trains unweighted and the utility is its p(y | x) = exp(-loss).
+    utility: str = "meta-learned"
     strategy: str = "directional"  # a key of utilgen.valuation.META_GRADIENTS
     classifier: str = "cnn-small"  # a utilgen.models.build_classifier name
     steps: int = 150
@@ -185,6 +189,7 @@ class ValuationConfig:
     normalize_weights: bool = True  # batch mean 1, as Meta-Weight-Net's code (docs/method.md, "TODV")
 
     def __post_init__(self) -> None:
+        _one_of("valuation", "utility", self.utility, UTILITIES)
         _at_least(self, "valuation", ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"), 1)
         _require(self.meta_every >= 0, f"valuation.meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
         _positive_finite(self, "valuation", ("inner_lr", "meta_lr"))
@@ -321,6 +326,35 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class BaselinesConfig:
+    """The baselines a reviewer asks for, each trained and evaluated like UtilGen (``utilgen.baselines``).
+
+    Off in a single run (they double its cost); ``python -m utilgen.experiment protocol`` turns them on.
+    Rows: real only on the shots + meta set (UtilGen reads the meta labels, so the baseline gets them too);
+    plain generation with the untrained tokens (each class's starting token); plain + filter (a larger plain
+    pool cut back to |D_g| by a classifier trained on shots + meta); DataDream-style (a LoRA on the
+    denoiser fitted with the diffusion loss on the shots, with the learned tokens, then plain generation).
+    """
+
+    enabled: bool = False
+    filter_oversample: float = 2.0  # plain + filter draws this many times |D_g| and keeps the most consistent
+    # DataDream-style LoRA (the adapter DPO uses: same rank, alpha and modules as mlco.*), fitted with the
+    # denoising loss on the real shots under the learned tokens. Same optimiser budget as textual inversion.
+    datadream_steps: int = 400
+    datadream_lr: float = 1e-4
+    datadream_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _require(
+            _finite(self.filter_oversample) and self.filter_oversample > 1,
+            f"baselines.filter_oversample must be > 1 (a filter needs more images than it keeps), "
+            f"got {self.filter_oversample}",
+        )
+        _at_least(self, "baselines", ("datadream_steps", "datadream_batch_size"), 1)
+        _positive_finite(self, "baselines", ("datadream_lr",))
+
+
+@dataclass(frozen=True)
 class RunSettings:
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
@@ -344,6 +378,7 @@ class Config:
     mlco: MLCOConfig = field(default_factory=MLCOConfig)
     ilpo: ILPOConfig = field(default_factory=ILPOConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def __post_init__(self) -> None:
         self.ilpo.check_sampler(self.generator.steps)

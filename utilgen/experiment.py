@@ -1,4 +1,8 @@
-"""``python -m utilgen.experiment``: studies on the validation set, through the library's own stages.
+"""``python -m utilgen.experiment``: studies through the library's own stages.
+
+``protocol``: the experiment a reviewer accepts (``utilgen.protocol``): P pipeline seeds x C classifier
+seeds, each pipeline seed its own few-shot draw and a full run with the baselines and the ablation;
+one table and one JSON with every row's per-seed values and paired differences with 95% intervals.
 
 ``tokens``: how well plain generation does with learned class tokens, per textual-inversion setting,
 on the validation set (the first 600 train-file images of each class; the default generator was trained
@@ -46,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     tokens.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
     tokens.add_argument("--quiet", action="store_true")
+
+    protocol = sub.add_parser(
+        "protocol", help="P pipeline seeds x C classifier seeds: every row, paired differences, 95%% intervals"
+    )
+    protocol.add_argument("--out", type=Path, required=True, help="protocol directory (resumable)")
+    protocol.add_argument("--preset", default="default")
+    protocol.add_argument("--pipeline-seeds", default="0,1,2,3,4", help="each its own run seed and few-shot draw")
+    protocol.add_argument("--classifier-seeds", default="0,1,2", help="evaluation classifiers per setting")
+    protocol.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    protocol.add_argument("--no-baselines", action="store_true", help="leave out the baselines (baselines.enabled)")
+    protocol.add_argument("--no-ablation", action="store_true", help="leave out the ablation (evaluation.ablation)")
+    protocol.add_argument(
+        "--loss-utility",
+        action="store_true",
+        help="also run the method with utility = the plain classifier's loss (valuation.utility=classifier-loss)",
+    )
+    protocol.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -173,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
     if args.study == "tokens":
         return run_tokens(args)
+    if args.study == "protocol":
+        from utilgen.protocol import run_protocol
+
+        return run_protocol(args)
     raise AssertionError(args.study)
 
 

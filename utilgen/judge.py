@@ -54,8 +54,12 @@ class Judge:
             ]
         )
 
-    def verdicts(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """Share of images in their fine class and in their coarse group, overall and per class (JSON-ready)."""
+    def verdicts(self, images: torch.Tensor, labels: torch.Tensor, utilities: torch.Tensor | None = None) -> dict:
+        """Share of images in their fine class and in their coarse group, overall and per class (JSON-ready).
+
+        With the pool's ``utilities`` (all finite): ``utility_auroc``, how well the utility separates the
+        images the judge finds in their fine class from those it finds in another (0.5: not at all).
+        """
         predicted = self.predict(images)
         fine = predicted == labels
         coarse_of = torch.from_numpy(COARSE_OF)
@@ -65,7 +69,10 @@ class Judge:
             for k in range(len(CLASS_NAMES))
             if bool((labels == k).any())
         }
-        return {"fine": _share(fine), "coarse": _share(coarse), "per_class": per_class, "images": len(labels)}
+        verdict = {"fine": _share(fine), "coarse": _share(coarse), "per_class": per_class, "images": len(labels)}
+        if utilities is not None and bool(torch.isfinite(utilities).all()):
+            verdict["utility_auroc"] = auroc(utilities[fine], utilities[~fine])
+        return verdict
 
 
 def judge_pools(pools: dict, class_names: tuple[str, ...]) -> dict | None:
@@ -77,7 +84,25 @@ def judge_pools(pools: dict, class_names: tuple[str, ...]) -> dict | None:
     except (OSError, ValueError) as error:  # diagnostics only: a broken install must not cost the run its report
         log.warning("the judge is unavailable (%s); the report leaves out what the pools show", error)
         return None
-    return {name: judge.verdicts(pool.images, pool.labels) for name, pool in pools.items()}
+    return {name: judge.verdicts(pool.images, pool.labels, pool.utilities) for name, pool in pools.items()}
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U statistic over its
+    maximum); None when either side is empty."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    scores = torch.cat([positive, negative]).double()
+    order = torch.argsort(scores, stable=True)
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    for value in torch.unique(scores):  # ties share their mean rank
+        tied = scores == value
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = positive.numel(), negative.numel()
+    u = float(ranks[:n_pos].sum()) - n_pos * (n_pos + 1) / 2
+    return round(u / (n_pos * n_neg), 4)
 
 
 def _share(flags: torch.Tensor) -> float:

@@ -52,8 +52,17 @@ log = logging.getLogger(__name__)
 __all__ = ["StageError", "run"]
 
 # Seeds of the generated images: run seed x 10^7 + an offset per pool + the image's index in it.
-_SEED_OFFSETS = {"pool0": 1_000_000, "final": 2_000_000, "mlco": 3_000_000}
-ABLATION_POOLS = ("ablation-mlco", "ablation-prompt", "ablation-noise", "ablation-high-guidance")
+_SEED_OFFSETS = {"pool0": 1_000_000, "final": 2_000_000, "mlco": 3_000_000, "filter": 4_000_000}
+# Each stage alone (+MLCO, +prompt, +noise), cumulatively (+MLCO then its prompt ascent; all three is
+# UtilGen), and plain at the re-denoise's high guidance, the control +noise is read against.
+ABLATION_POOLS = (
+    "ablation-mlco",
+    "ablation-prompt",
+    "ablation-noise",
+    "ablation-mlco-prompt",
+    "ablation-high-guidance",
+)
+BASELINE_POOLS = ("baseline-untrained-tokens", "baseline-filter", "baseline-datadream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +149,20 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
                 ablation(generator, valuation, final_labels, final_seeds, ascend_below, ctx)
         ablation_pools = {n: outputs.load_pool(directory, n) for n in ABLATION_POOLS}
 
+    baseline_pools: dict[str, SyntheticPool] = {}
+    if cfg.baselines.enabled:
+        # The DataDream-style adapter borrows MLCO's LoRA shape: its key holds the mlco section too.
+        with stages.stage(
+            "baselines", [cfg.baselines, cfg.mlco], [*(f"pools/{n}" for n in BASELINE_POOLS), "baselines.json"]
+        ) as needed:
+            if needed:
+                atomic_write_json(
+                    path / "baselines.json", baselines(generator.class_tokens, plain, final_labels, final_seeds, ctx)
+                )
+        baseline_pools = {n: outputs.load_pool(directory, n) for n in BASELINE_POOLS}
+
     # Evaluation: fresh classifiers on real only, plain and UtilGen (synthetic-only and joint), over seeds.
-    settings = evaluation_settings(real, plain, utilgen_pool, ablation_pools)
+    settings = evaluation_settings(real, plain, utilgen_pool, ablation_pools, baseline_pools)
     with stages.stage("evaluate", [cfg.evaluation], ["evaluation.json"]) as needed:
         if needed:
             outputs.evaluate_or_stop(settings, real, cfg, device, directory, stages.key, progress)
@@ -154,6 +175,7 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
         "plain": plain.with_utilities(valuation.score(plain.images, plain.labels)),
         "utilgen": utilgen_pool,
         **ablation_pools,
+        **baseline_pools,
     }
     pools.update({f"mlco-round-{r}": outputs.load_pool(directory, f"mlco-{r}") for r in range(1, cfg.mlco.rounds + 1)})
     judged = judge_pools(pools, real.class_names)  # what each pool shows, by a classifier the method never reads
@@ -329,27 +351,106 @@ def ablation(
         ctx.directory, "ablation-high-guidance", generate_plain(base, labels, seeds, high_ctx, stage="ablation")
     )
     ilpo = ctx.cfg.ilpo  # the final pool's ILPO, one part at a time
-    for name, part in (
-        ("ablation-prompt", dataclasses.replace(ilpo, noise_strategy="none")),
-        ("ablation-noise", dataclasses.replace(ilpo, prompt_steps=0)),
+    prompt_only = dataclasses.replace(ilpo, noise_strategy="none")
+    for name, tuned, part in (
+        ("ablation-prompt", base, prompt_only),
+        ("ablation-noise", base, dataclasses.replace(ilpo, prompt_steps=0)),
+        ("ablation-mlco-prompt", generator, prompt_only),  # cumulative: the MLCO-tuned generator's prompts
     ):
-        pool, _ = optimise(base, valuation, labels, seeds, part, ascend_below, ctx)
+        pool, _ = optimise(tuned, valuation, labels, seeds, part, ascend_below, ctx)
         outputs.save_pool(ctx.directory, name, pool)
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+
+def baselines(
+    learned_tokens: torch.Tensor, plain: SyntheticPool, labels: torch.Tensor, seeds: torch.Tensor, ctx: RunContext
+) -> dict:
+    """The baseline pools (``utilgen.baselines``), each |D_g| on the final (label, seed) list, from generators
+    without MLCO: plain with the untrained tokens, plain + filter, DataDream-style. Their record."""
+    from utilgen import baselines as base
+    from utilgen.evaluate import train_classifier
+
+    cfg, real, device = ctx.cfg, ctx.real, ctx.device
+    fresh = build_generator(cfg.generator, real.class_names, device)  # the tokens it starts from, untrained
+    outputs.save_pool(
+        ctx.directory, "baseline-untrained-tokens", generate_plain(fresh, labels, seeds, ctx, stage="baseline")
+    )
+    fresh.set_class_tokens(learned_tokens.clone())
+
+    # plain + filter: the plain pool and as many again (or more) new images, cut back per class by a classifier
+    # trained on the shots + meta set with the evaluation recipe (a seed outside the evaluation seeds' range).
+    per_class = cfg.final_per_class()
+    extra = max(1, round((cfg.baselines.filter_oversample - 1) * per_class))
+    extra_labels, extra_seeds = instance_list(len(real.class_names), extra, cfg.run.seed, "filter")
+    candidates = plain.concat(generate_plain(fresh, extra_labels, extra_seeds, ctx, stage="baseline"))
+    judge_of_consistency = train_classifier(
+        joint(real.train, real.meta), cfg.evaluation, seed=1_000_000 + cfg.run.seed, device=device
+    )
+    consistency = base.label_consistency(judge_of_consistency, candidates.images, candidates.labels)
+    kept = torch.zeros(len(candidates), dtype=torch.bool)
+    kept[base.most_consistent(candidates, consistency, per_class)] = True
+    outputs.save_pool(ctx.directory, "baseline-filter", candidates.subset(torch.nonzero(kept).flatten()))
+
+    # DataDream-style: a LoRA on the denoiser fitted to the shots with the diffusion loss, then plain generation.
+    settings = cfg.baselines
+    try:
+        losses = base.fit_datadream_adapter(
+            fresh,
+            real.train,
+            steps=settings.datadream_steps,
+            lr=settings.datadream_lr,
+            batch_size=settings.datadream_batch_size,
+            rank=cfg.mlco.lora_rank,
+            alpha=cfg.mlco.lora_alpha,
+            target_modules=cfg.mlco.target_modules,
+            seed=cfg.run.seed,
+            progress=ctx.progress,
+        )
+    except base.DataDreamDivergedError as error:
+        raise StageError(f"{error}; resume with --resume DIR --set baselines.datadream_lr=...") from error
+    outputs.save_pool(ctx.directory, "baseline-datadream", generate_plain(fresh, labels, seeds, ctx, stage="baseline"))
+    return {
+        "filter": base.consistency_summary(consistency, kept),
+        "datadream": {"steps": len(losses), "loss_first_10": _mean(losses[:10]), "loss_last_10": _mean(losses[-10:])},
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 # ------------------------------------------------------------------------------------ evaluation
 
 
+BASELINE_LABELS = {
+    "baseline-untrained-tokens": "plain untrained-tokens",
+    "baseline-filter": "plain + filter",
+    "baseline-datadream": "datadream-style",
+}
+
+
 def evaluation_settings(
-    real: Splits, plain: SyntheticPool, utilgen_pool: SyntheticPool, ablation_pools: dict[str, SyntheticPool]
+    real: Splits,
+    plain: SyntheticPool,
+    utilgen_pool: SyntheticPool,
+    ablation_pools: dict[str, SyntheticPool],
+    baseline_pools: dict[str, SyntheticPool] | None = None,
 ) -> list[TrainingSet]:
-    """Real only; plain and UtilGen, each synthetic-only and joint with the real shots; the ablation pools."""
+    """Real only; plain and UtilGen, each synthetic-only and joint with the real shots; the ablation pools;
+    with the baselines, real only on the shots + meta set and each baseline pool synthetic-only."""
     settings = [TrainingSet("real-only", real.train, "real", None)]
+    if baseline_pools:
+        settings.append(TrainingSet("real-only train+meta", joint(real.train, real.meta), "real", None))
     for name, pool in (("plain", plain), ("utilgen", utilgen_pool)):
         synthetic = pool.to_labelled()
         settings.append(TrainingSet(f"{name} synthetic-only", synthetic, "synthetic", name))
         settings.append(TrainingSet(f"{name} joint", joint(real.train, synthetic), "joint", name))
+    for name, pool in (baseline_pools or {}).items():
+        settings.append(TrainingSet(f"{BASELINE_LABELS[name]} synthetic-only", pool.to_labelled(), "synthetic", name))
     for name, pool in ablation_pools.items():
         label = "plain high-guidance" if name == "ablation-high-guidance" else name.replace("ablation-", "+")
+        label = label.replace("-prompt", "+prompt") if name == "ablation-mlco-prompt" else label
         settings.append(TrainingSet(f"{label} synthetic-only", pool.to_labelled(), "synthetic", name))
     return settings

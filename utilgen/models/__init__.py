@@ -1,6 +1,6 @@
 """Downstream classifiers and the TODV weight network."""
 
 from utilgen.models.classifier import CLASSIFIERS, build_classifier
-from utilgen.models.weight_net import FEATURES, WeightNet, per_sample_features
+from utilgen.models.weight_net import FEATURES, LossUtility, WeightNet, per_sample_features
 
-__all__ = ["CLASSIFIERS", "FEATURES", "WeightNet", "build_classifier", "per_sample_features"]
+__all__ = ["CLASSIFIERS", "FEATURES", "LossUtility", "WeightNet", "build_classifier", "per_sample_features"]

@@ -46,6 +46,25 @@ class WeightNet(nn.Module):
         return torch.sigmoid(self.net(features)).squeeze(1)  # (N,)
 
 
+class LossUtility(nn.Module):
+    """W_phi's place without meta-learning: utility = exp(-loss) = p(y | x) of the classifier (the ablation
+    "utility = the plain classifier's loss"; ``valuation.utility = classifier-loss``).
+
+    The weight net's interface (``features``; features (N, 1) -> (N,) in [0, 1]) so that MLCO and ILPO
+    climb it unchanged, gradient included. Its one parameter, a temperature fixed at 1, is not trained; it
+    also tells where the module lives.
+    """
+
+    features = ("loss",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-features[:, 0] / self.temperature)  # (N,)
+
+
 def per_sample_features(
     losses: torch.Tensor,
     logits: torch.Tensor | None = None,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from utilgen.config import ValuationConfig
 from utilgen.data import LabelledImages
-from utilgen.models import WeightNet, build_classifier, per_sample_features
+from utilgen.models import LossUtility, WeightNet, build_classifier, per_sample_features
 from utilgen.ops import weighted_cross_entropy
 from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, effective_weights, meta_gradient
 from utilgen.valuation.valuation import Valuation
@@ -202,11 +202,16 @@ def fit_valuation(
             config.classifier, num_classes=real_train.num_classes, in_channels=channels, image_size=size
         )
     classifier = classifier.to(device).train()
-    weight_net = WeightNet(config.weight_net_hidden, config.features).to(device)
+    meta_learned = config.utility == "meta-learned"
+    weight_net = (WeightNet(config.weight_net_hidden, config.features) if meta_learned else LossUtility()).to(device)
     optimizer = torch.optim.SGD(
         classifier.parameters(), lr=config.inner_lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay)
+    meta_optimizer = (
+        torch.optim.Adam(weight_net.parameters(), lr=config.meta_lr, weight_decay=config.meta_weight_decay)
+        if meta_learned
+        else None
+    )
 
     images = torch.cat([real_train.images, synthetic.images]).to(device)  # (N_r + N_g, C, H, W)
     labels = torch.cat([real_train.labels, synthetic.labels]).to(device)
@@ -218,7 +223,7 @@ def fit_valuation(
     generator = torch.Generator().manual_seed(seed)
     batches = _Batches(len(labels), config.batch_size, generator)
     meta_batches = _Batches(len(meta_labels), config.meta_batch_size, generator)
-    reweight = config.meta_every > 0
+    reweight = meta_learned and config.meta_every > 0  # the classifier-loss utility trains unweighted
     history = FitHistory()
 
     def result() -> Valuation:

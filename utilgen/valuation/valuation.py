@@ -25,7 +25,7 @@ from torch import nn
 
 from utilgen.data.images import resize_images
 from utilgen.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
-from utilgen.models import WeightNet, build_classifier, per_sample_features
+from utilgen.models import LossUtility, WeightNet, build_classifier, per_sample_features
 
 FORMAT = "utilgen.valuation/1"
 WEIGHTS_NAME = "valuation.safetensors"
@@ -41,7 +41,7 @@ class Valuation:
     """
 
     classifier: nn.Module
-    weight_net: WeightNet
+    weight_net: WeightNet | LossUtility
     class_names: tuple[str, ...]
     image_shape: tuple[int, int, int]  # (C, H, W)
     classifier_name: str | None = "cnn-small"
@@ -134,7 +134,11 @@ class Valuation:
         tensors = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
         tensors |= {f"weight_net.{k}": v for k, v in self.weight_net.state_dict().items()}
         atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors))
-        hidden = self.weight_net.net[0].out_features
+        if isinstance(self.weight_net, LossUtility):
+            weight_net = {"kind": "classifier-loss"}
+        else:
+            weight_net = {"kind": "meta-learned", "hidden": self.weight_net.net[0].out_features}
+            weight_net["features"] = list(self.features)
         atomic_write_json(
             directory / CONFIG_NAME,
             {
@@ -142,7 +146,7 @@ class Valuation:
                 "classifier": self.classifier_name,
                 "class_names": list(self.class_names),
                 "image_shape": list(self.image_shape),
-                "weight_net": {"hidden": hidden, "features": list(self.features)},
+                "weight_net": weight_net,
             },
         )
         return directory
@@ -160,7 +164,11 @@ class Valuation:
         classifier = build_classifier(
             config["classifier"], num_classes=len(config["class_names"]), in_channels=channels, image_size=size
         )
-        weight_net = WeightNet(hidden=config["weight_net"]["hidden"], features=tuple(config["weight_net"]["features"]))
+        saved = config["weight_net"]
+        if saved.get("kind") == "classifier-loss":
+            weight_net = LossUtility()
+        else:  # "meta-learned"; valuations saved before the kind was recorded are all meta-learned
+            weight_net = WeightNet(hidden=saved["hidden"], features=tuple(saved["features"]))
         tensors = load_safetensors(weights_path.read_bytes())
         for prefix, module in (("classifier.", classifier), ("weight_net.", weight_net)):
             state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
