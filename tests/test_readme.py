@@ -97,10 +97,15 @@ def test_every_environment_switch_the_readme_names_is_read_by_the_build_or_the_c
 
 
 def _help_flags() -> set[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "utilgen.run", "--help"], capture_output=True, text=True, timeout=120, check=True
-    )
-    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", result.stdout))
+    """The flags of ``python -m utilgen.run`` and of every ``python -m utilgen.experiment`` study."""
+    commands = [["utilgen.run"], *(["utilgen.experiment", study] for study in ("tokens", "mlco", "protocol"))]
+    flags = set()
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-m", *command, "--help"], capture_output=True, text=True, timeout=120, check=True
+        )
+        flags |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", result.stdout))
+    return flags
 
 
 def _readme_cli_flags() -> set[str]:
@@ -109,8 +114,8 @@ def _readme_cli_flags() -> set[str]:
     spans = lines + _inline_code()
     flags = set()
     for span in spans:
-        if "utilgen.run" in span:
-            span = span[span.index("utilgen.run") :]
+        if "utilgen.run" in span or "utilgen.experiment" in span:
+            span = span[span.index("utilgen.") :]
         elif not span.startswith("--"):
             continue  # pip, pytest or anything else: not ours
         flags |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", span))

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     tokens.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
     tokens.add_argument("--quiet", action="store_true")
+
+    mlco = sub.add_parser("mlco", help="plain vs the MLCO-tuned generator per DPO setting, on validation")
+    mlco.add_argument("--out", type=Path, required=True, help="study directory (resumable)")
+    mlco.add_argument("--preset", default="default")
+    mlco.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="as in tokens")
+    mlco.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    mlco.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
+    mlco.add_argument("--quiet", action="store_true")
 
     protocol = sub.add_parser(
         "protocol", help="P pipeline seeds x C classifier seeds: every row, paired differences, 95%% intervals"
@@ -131,7 +140,106 @@ def tokens_study(cfg, seed: int, *, judge, progress: bool) -> dict:
     }
 
 
+def mlco_study(cfg, seed: int, *, judge, progress: bool, workdir: Path) -> dict:
+    """One pipeline seed of one DPO setting: the run's stages up to MLCO (tokens, D_g0, TODV, the rounds with
+    their refreshes) in ``workdir``, then the final (label, seed) list drawn from the tuned generator with
+    the class prompts (the ablation's +MLCO pool) against the same list from the untuned one (plain):
+    judged correctness and synthetic-only accuracy on the rest of the validation images, classifier seed by
+    classifier seed."""
+    import torch
+
+    from utilgen import stage_outputs as outputs
+    from utilgen.data import make_splits
+    from utilgen.evaluate import TrainingSet, evaluate
+    from utilgen.generator import build_generator
+    from utilgen.loop import RunContext, generate_plain, instance_list, learn_tokens, mlco_round
+    from utilgen.preflight import load_task_data
+    from utilgen.rundir import RunDirectory
+    from utilgen.stages import stage_seed
+
+    device = torch.device("cpu")
+    data = load_task_data(cfg)
+    counts = {"shots_per_class": cfg.data.shots_per_class, "meta_per_class": cfg.data.meta_per_class}
+    real = make_splits(data, **counts, test_per_class=cfg.data.test_per_class, seed=cfg.data.split_seed)
+    directory = RunDirectory.create(workdir, cfg.to_dict())
+    ctx = RunContext(cfg, directory, device, real, progress)
+    generator = build_generator(cfg.generator, real.class_names, device)
+    torch.manual_seed(stage_seed(cfg.run.seed, "tokens"))
+    generator.set_class_tokens(learn_tokens(generator, ctx).to(device))
+    k = len(real.class_names)
+    labels, seeds = instance_list(k, cfg.final_per_class(), cfg.run.seed, "final")
+    plain = generate_plain(generator, labels, seeds, ctx, stage="plain")
+    pool0_labels, pool0_seeds = instance_list(k, cfg.synthetic.first_pool_per_class, cfg.run.seed, "pool0")
+    pool0 = generate_plain(generator, pool0_labels, pool0_seeds, ctx, stage="initial")
+    valuation = outputs.fit_or_stop(
+        real, pool0, cfg.valuation, workdir / "valuation", seed=cfg.run.seed, device=device, progress=progress
+    )
+    rounds = []
+    for round_index in range(1, cfg.mlco.rounds + 1):
+        torch.manual_seed(stage_seed(cfg.run.seed, f"mlco-{round_index}"))
+        mlco_round(generator, valuation, round_index, ctx)
+        rounds.append(json.loads((workdir / f"mlco/round-{round_index}/round.json").read_text()))
+        refreshed = workdir / f"mlco/round-{round_index}/valuation"
+        if cfg.mlco.refresh_valuation and refreshed.exists():
+            from utilgen.valuation import Valuation
+
+            valuation = Valuation.load(refreshed, device=device)
+    tuned = generate_plain(generator, labels, seeds, ctx, stage="ablation")
+    accuracy = evaluate(
+        [
+            TrainingSet("plain synthetic-only", plain.to_labelled(), "synthetic", "plain"),
+            TrainingSet("+mlco synthetic-only", tuned.to_labelled(), "synthetic", "ablation-mlco"),
+        ],
+        real.test,
+        cfg.evaluation,
+        device=device,
+        progress=progress,
+    )
+    return {
+        "seed": seed,
+        "judge": {
+            "plain": judge.verdicts(plain.images, plain.labels),
+            "+mlco": judge.verdicts(tuned.images, tuned.labels),
+        },
+        "accuracy": accuracy,
+        "rounds": [{k: v for k, v in r.items() if k != "history"} for r in rounds],
+        "validation_test_images": len(real.test.labels),
+    }
+
+
+def run_mlco(args: argparse.Namespace) -> int:
+    from utilgen.comparison import paired_difference
+
+    def study(cfg, seed, judge, progress, path):
+        return mlco_study(cfg, seed, judge=judge, progress=progress, workdir=path.with_suffix(".run"))
+
+    def summary(rows):
+        def accuracies(setting):  # pipeline-seed-major, its classifier seeds inside: the pairs of the difference
+            return [a for row in rows for a in row["accuracy"][setting]["accuracies"]]
+
+        return {
+            "seeds": [r["seed"] for r in rows],
+            "judged_fine_plain": statistics.fmean(r["judge"]["plain"]["fine"] for r in rows),
+            "judged_fine_mlco": statistics.fmean(r["judge"]["+mlco"]["fine"] for r in rows),
+            # paired by (pipeline seed, classifier seed): a screening number, not the protocol's statistics
+            "mlco_minus_plain": paired_difference(
+                accuracies("+mlco synthetic-only"), accuracies("plain synthetic-only")
+            ),
+        }
+
+    return _grid_study(args, study, summary)
+
+
 def run_tokens(args: argparse.Namespace) -> int:
+    def study(cfg, seed, judge, progress, path):
+        return tokens_study(cfg, seed, judge=judge, progress=progress)
+
+    return _grid_study(args, study, _summarise)
+
+
+def _grid_study(args: argparse.Namespace, study, summarise) -> int:
+    """Each setting of ``--grid`` x each seed on the validation set: ``study(cfg, seed, judge, progress,
+    path)`` -> a JSON row, written to ``path`` atomically; rows already there are reused."""
     from utilgen.config import build_config
     from utilgen.io import atomic_write_json
     from utilgen.judge import load_judge
@@ -157,22 +265,16 @@ def run_tokens(args: argparse.Namespace) -> int:
             ]
             cfg = build_config(args.preset, None, settings)
             start = time.perf_counter()
-            row = tokens_study(cfg, seed, judge=judge, progress=not args.quiet)
+            shutil.rmtree(path.with_suffix(".run"), ignore_errors=True)  # a killed attempt's scratch run
+            row = study(cfg, seed, judge, not args.quiet, path)
             row.update(seconds=round(time.perf_counter() - start, 1), config=cfg.to_dict())
             atomic_write_json(path, row)
             rows.append(row)
-            log.info("%s seed %d: %s", name, seed, _line(row))
-        summary[name] = _summarise(rows)
+            log.info("%s seed %d done in %.0f s", name, seed, row["seconds"])
+        summary[name] = summarise(rows)
         print(f"{name}: {json.dumps(summary[name])}", flush=True)
     atomic_write_json(summary_path, summary)
     return 0
-
-
-def _line(row: dict) -> str:
-    return (
-        f"judged fine {row['judge']['fine']:.3f} coarse {row['judge']['coarse']:.3f}, "
-        f"plain synthetic-only {row['plain_synthetic_only']['mean']:.4f}"
-    )
 
 
 def _summarise(rows: list[dict]) -> dict:
@@ -194,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
     if args.study == "tokens":
         return run_tokens(args)
+    if args.study == "mlco":
+        return run_mlco(args)
     if args.study == "protocol":
         from utilgen.protocol import run_protocol
 

@@ -346,15 +346,23 @@ def _judge_section(judged: Mapping[str, Any] | None) -> _Section:
     lines += [
         "A fine-label classifier trained on the Fashion-MNIST train file (less the validation set), never read",
         "by the method, says which share of each pool shows its own class, and its class's group",
-        "(tops, footwear, other).",
+        "(tops, footwear, other). Utility AUROC: how well the pool's utilities separate the images in their own",
+        "class from the others (0.5: not at all; blank: the pool holds no utilities).",
         "",
         _table(
-            ["pool", "images", "right class %", "right group %"],
-            [[name, str(v["images"]), _percent(v["fine"]), _percent(v["coarse"])] for name, v in judged.items()],
-            "lrrr",
+            ["pool", "images", "right class %", "right group %", "utility AUROC"],
+            [
+                [name, str(v["images"]), _percent(v["fine"]), _percent(v["coarse"]), _auroc(v.get("utility_auroc"))]
+                for name, v in judged.items()
+            ],
+            "lrrrr",
         ),
     ]
     return _Section("\n".join(lines))
+
+
+def _auroc(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _samples_section(pools: Mapping[str, SyntheticPool]) -> _Section:
