@@ -87,6 +87,18 @@ def test_a_study_resumes_from_the_settings_it_finished(tmp_path, monkeypatch):
     assert summary["tokens.steps=4"]["plain_synthetic_only_per_seed"] == [0.5, 0.5]
 
 
+def test_the_mlco_study_compares_the_tuned_generator_with_plain_on_validation(tmp_path):
+    args = ["mlco", "--out", str(tmp_path), "--preset", "smoke", "--seeds", "0", "--grid", "mlco.lr=1e-4", "--quiet"]
+    assert experiment.main(args) == 0
+    row = json.loads((tmp_path / "mlco.lr=1e-4" / "seed-0.json").read_text())
+    assert row["config"]["data"]["source"] == "validation"
+    assert set(row["accuracy"]) == {"plain synthetic-only", "+mlco synthetic-only"}
+    assert len(row["rounds"]) == row["config"]["mlco"]["rounds"]
+    assert set(row["judge"]) == {"plain", "+mlco"}
+    summary = json.loads((tmp_path / "summary.json").read_text())["mlco.lr=1e-4"]
+    assert summary["mlco_minus_plain"]["seeds"] == len(row["config"]["evaluation"]["seeds"])
+
+
 def test_auroc_is_the_share_of_right_over_wrong_pairs_with_ties_half():
     from utilgen.judge import auroc
 

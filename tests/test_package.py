@@ -110,7 +110,9 @@ LAYERS = {
     "evaluate": 5,
     "report": 5,
     "judge": 5,
+    "baselines": 5,
     "run": 6,
+    "protocol": 6,
     "pretrain": 6,
     "experiment": 6,
 }

@@ -196,7 +196,7 @@ def test_exit_status_2_from_the_real_entry_point(tmp_path):
 def test_list_keys_names_every_key(capsys):
     assert cli.main(["--list-keys"]) == 0
     out = capsys.readouterr().out
-    assert "mlco.rounds = 1" in out
+    assert "mlco.rounds = 2" in out
     assert "evaluation.seeds = (0, 1, 2)" in out
     assert "ilpo.prompt_steps = 4" in out
 
