@@ -52,13 +52,7 @@ def _shots(generator, n: int = 12) -> LabelledImages:
 def test_the_datadream_adapter_trains_only_a_lora_and_lowers_the_denoising_loss():
     generator = tiny_embedded()
     base = {k: v.clone() for k, v in generator.denoiser.state_dict().items()}
-    settings = {
-        "batch_size": 12,
-        "rank": 4,
-        "alpha": 4.0,
-        "target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
-        "seed": 0,
-    }
+    settings = {**LORA, "batch_size": 12, "seed": 0}
     losses = fit_datadream_adapter(generator, _shots(generator), steps=60, lr=1e-2, **settings)
     assert len(losses) == 60
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -72,12 +66,6 @@ def test_the_datadream_adapter_trains_only_a_lora_and_lowers_the_denoising_loss(
 
 def test_a_runaway_datadream_lr_stops_with_the_setting_named():
     generator = tiny_embedded()
-    settings = {
-        "batch_size": 12,
-        "rank": 4,
-        "alpha": 4.0,
-        "target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
-        "seed": 0,
-    }
+    settings = {**LORA, "batch_size": 12, "seed": 0}
     with pytest.raises(DataDreamDivergedError, match=r"baselines\.datadream_lr"):
         fit_datadream_adapter(generator, _shots(generator), steps=200, lr=1e4, **settings)

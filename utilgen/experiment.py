@@ -38,27 +38,23 @@ log = logging.getLogger("utilgen.experiment")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utilgen.experiment", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
-    tokens = sub.add_parser("tokens", help="plain generation per textual-inversion setting, on validation")
-    tokens.add_argument("--out", type=Path, required=True, help="study directory (resumable)")
-    tokens.add_argument("--preset", default="default")
-    tokens.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="a config key and its values; several --grid give their product (e.g. --grid tokens.lr=5e-3,2.5e-2)",
-    )
-    tokens.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    tokens.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
-    tokens.add_argument("--quiet", action="store_true")
-
-    mlco = sub.add_parser("mlco", help="plain vs the MLCO-tuned generator per DPO setting, on validation")
-    mlco.add_argument("--out", type=Path, required=True, help="study directory (resumable)")
-    mlco.add_argument("--preset", default="default")
-    mlco.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="as in tokens")
-    mlco.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    mlco.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
-    mlco.add_argument("--quiet", action="store_true")
+    for study, about in (
+        ("tokens", "plain generation per textual-inversion setting, on validation"),
+        ("mlco", "plain vs the MLCO-tuned generator per DPO setting, on validation"),
+    ):
+        grid = sub.add_parser(study, help=about)
+        grid.add_argument("--out", type=Path, required=True, help="study directory (resumable)")
+        grid.add_argument("--preset", default="default")
+        grid.add_argument(
+            "--grid",
+            action="append",
+            default=[],
+            metavar="KEY=V1,V2",
+            help="a config key and its values; several --grid give their product (e.g. --grid tokens.lr=5e-3,2.5e-2)",
+        )
+        grid.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+        grid.add_argument("--seeds", default="0,1", help="pipeline seeds (each its own few-shot draw)")
+        grid.add_argument("--quiet", action="store_true")
 
     protocol = sub.add_parser(
         "protocol", help="P pipeline seeds x C classifier seeds: every row, paired differences, 95%% intervals"
