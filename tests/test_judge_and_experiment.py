@@ -100,7 +100,7 @@ def test_the_mlco_study_compares_the_tuned_generator_with_plain_on_validation(tm
 
 
 def test_auroc_is_the_share_of_right_over_wrong_pairs_with_ties_half():
-    from utilgen.judge import auroc
+    from utilgen.valuation import auroc
 
     generator = torch.Generator().manual_seed(0)
     right = torch.randint(0, 5, (40,), generator=generator).float()  # many ties

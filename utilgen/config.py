@@ -227,6 +227,10 @@ class MLCOConfig:
     max_grad_norm: float = 1.0  # clip the adapter's gradient norm; inf = no clipping
     log_every: int = 25
     refresh_valuation: bool = True  # refit TODV on D_r + the round's candidates after each round
+    # A refit can invert: in 3 of 5 protocol seeds the refreshed W_phi rose with the loss and valued the
+    # judge's wrong-class candidates highest. So the refreshed valuation replaces the one in use only if it
+    # ranks the meta set's true labels above wrong labels at least as well (utilgen.valuation.probe).
+    refresh_check: bool = True
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 0, f"mlco.rounds must be >= 0, got {self.rounds}")

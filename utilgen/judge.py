@@ -24,6 +24,7 @@ from utilgen.data.fashion_mnist import CLASS_NAMES, COARSE_OF, load_debian, vali
 from utilgen.data.images import LabelledImages, resize_uint8, uint8_to_tensor
 from utilgen.io import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, safetensors_bytes
 from utilgen.models.classifier import build_classifier
+from utilgen.valuation.probe import auroc
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +86,6 @@ def judge_pools(pools: dict, class_names: tuple[str, ...]) -> dict | None:
         log.warning("the judge is unavailable (%s); the report leaves out what the pools show", error)
         return None
     return {name: judge.verdicts(pool.images, pool.labels, pool.utilities) for name, pool in pools.items()}
-
-
-def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
-    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U statistic over its
-    maximum); None when either side is empty."""
-    if positive.numel() == 0 or negative.numel() == 0:
-        return None
-    scores = torch.cat([positive, negative]).double()
-    order = torch.argsort(scores, stable=True)
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
-    for value in torch.unique(scores):  # ties share their mean rank
-        tied = scores == value
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    n_pos, n_neg = positive.numel(), negative.numel()
-    u = float(ranks[:n_pos].sum()) - n_pos * (n_pos + 1) / 2
-    return round(u / (n_pos * n_neg), 4)
 
 
 def _share(flags: torch.Tensor) -> float:

@@ -45,7 +45,7 @@ from utilgen.metrics import collect_metrics
 from utilgen.preflight import planned_bytes
 from utilgen.rundir import RunDirectory
 from utilgen.stages import StageError, Stages
-from utilgen.valuation import Valuation
+from utilgen.valuation import Valuation, mislabel_auroc
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +292,32 @@ def mlco_round(generator: Generator, valuation: Valuation, round_index: int, ctx
     candidates = to_task_size(candidates, real)
     if cfg.mlco.refresh_valuation:
         refreshed = outputs.fit_or_stop(real, candidates, cfg.valuation, out / "valuation", **_run_args(ctx))
-        outputs.save_valuation(refreshed, candidates, out / "valuation")
+        check = refresh_check(valuation, refreshed, real)
+        adopted = check["passed"] or not cfg.mlco.refresh_check
+        summary["valuation_refresh"] = check | {"adopted": adopted}
+        if not check["passed"]:
+            log.warning(
+                "MLCO round %d: the refreshed valuation ranks the meta set's true labels above wrong ones worse "
+                "than the one in use (mislabel AUROC %s < %s); %s",
+                round_index,
+                check["mislabel_auroc_refreshed"],
+                check["mislabel_auroc_in_use"],
+                "adopted anyway (mlco.refresh_check=false)" if adopted else "keeping the one in use",
+            )
+        # A refresh that is not adopted is kept beside the round for diagnosis, under a name the loop ignores.
+        outputs.save_valuation(refreshed, candidates, out / ("valuation" if adopted else "valuation-rejected"))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "round.json", summary)
     outputs.save_pool(ctx.directory, f"mlco-{round_index}", candidates)
+
+
+def refresh_check(in_use: Valuation, refreshed: Valuation, real: Splits) -> dict:
+    """Both valuations' ``mislabel_auroc`` on the meta set; ``passed``: the refreshed one ranks true labels
+    above wrong ones at least as well as the one in use."""
+    before = mislabel_auroc(in_use, real.meta.images, real.meta.labels)
+    after = mislabel_auroc(refreshed, real.meta.images, real.meta.labels)
+    passed = before is None or (after is not None and after >= before)
+    return {"mislabel_auroc_in_use": before, "mislabel_auroc_refreshed": after, "passed": passed}
 
 
 # ------------------------------------------------------------------------------------ ILPO, ablation
