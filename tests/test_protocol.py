@@ -30,6 +30,18 @@ def _metrics(seed: int, plain: float, utilgen: float, *, judge: bool = True) -> 
         }
         if judge
         else None,
+        "mlco": [
+            {
+                "round": 1,
+                "valuation_refresh": {
+                    "mislabel_auroc_in_use": 0.9,
+                    "mislabel_auroc_refreshed": 0.8,
+                    "passed": False,
+                    "adopted": False,
+                },
+            },
+            {"round": 2},  # a round without a refresh (refresh_valuation off) has nothing to report
+        ],
         "experiment": {"test_reads": 10, "test_split_sha256": f"hash{seed}", "test_images": 100, "data": "embedded"},
         "timings": {"a": 60.0, "b": 30.0},
         "machine": {"processor": "x86_64", "torch_threads": 2},
@@ -65,12 +77,18 @@ def test_rows_pair_by_pipeline_seed_and_compare_with_plain_of_their_kind():
     assert result["test"]["test_reads"] == 60  # both variants' reads count
     assert result["test"]["test_split_sha256"] == {0: "hash0", 1: "hash1", 2: "hash2"}
     assert result["valuation_auroc"]["plain"]["mean"] == pytest.approx(0.6)
+    assert result["judged_pools"]["utilgen"]["per_pipeline_seed"] == pytest.approx([0.60, 0.61, 0.62])
+    assert result["valuation_refresh"][2] == [
+        {"round": 1, "mislabel_auroc_in_use": 0.9, "mislabel_auroc_refreshed": 0.8, "passed": False, "adopted": False}
+    ]
     loss_vs_meta = [c for c in result["comparisons"] if c["a"] == protocol.LOSS_UTILITY_ROW]
     assert loss_vs_meta[0]["b"] == "utilgen synthetic-only"
     assert loss_vs_meta[0]["positive_seeds"] == 0
     text = protocol.markdown(result)
     assert "| utilgen synthetic-only | 53.0 | 52.0, 54.0, 53.0 | +3.0 |" in text
     assert "test reads: 60" in text
+    assert "- utilgen: 61.0% (60.0, 61.0, 62.0)" in text
+    assert "- seed 1, round 1: in use 0.9, refit 0.8: kept the one in use" in text
 
 
 def test_one_pipeline_seed_gives_values_but_no_interval():

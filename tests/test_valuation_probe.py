@@ -73,7 +73,8 @@ def test_every_wrong_label_is_scored_once():
     assert torch.equal(true_labels, labels)
     pairs = {(int(y), int(w)) for y, w in zip(labels.repeat(K - 1), wrong, strict=True)}
     assert len(wrong) == len(labels) * (K - 1)
-    assert all(y != w for y, w in pairs) and len(pairs) == K * (K - 1)
+    assert all(y != w for y, w in pairs)
+    assert len(pairs) == K * (K - 1)
 
 
 def test_the_refresh_check_keeps_the_valuation_that_ranks_labels_better():

@@ -200,6 +200,8 @@ def summarise(runs: dict[int, dict], loss_runs: dict[int, dict]) -> dict:
         "rows": rows,
         "comparisons": comparisons,
         "valuation_auroc": _valuation_auroc(runs, seeds),
+        "judged_pools": _judged_pools(runs, seeds),
+        "valuation_refresh": _refreshes(runs, seeds),
         "test": {
             "test_reads": sum(e["test_reads"] for e in experiments),
             "test_split_sha256": {seed: runs[seed]["experiment"]["test_split_sha256"] for seed in seeds},
@@ -240,6 +242,33 @@ def _valuation_auroc(runs: dict[int, dict], seeds: list[int]) -> dict:
         pool: {"mean": statistics.fmean(values), "per_pipeline_seed": values}
         for pool, values in found.items()
         if len(values) == len(seeds)
+    }
+
+
+def _judged_pools(runs: dict[int, dict], seeds: list[int]) -> dict:
+    """Every judged pool's share in its own fine class, per pipeline seed and on average: what each stage's
+    images show (pool0 -> the MLCO rounds' candidates -> plain vs UtilGen)."""
+    found: dict[str, list[float]] = {}
+    for seed in seeds:
+        for pool, verdict in (runs[seed].get("judge") or {}).items():
+            found.setdefault(pool, []).append(verdict["fine"])
+    return {
+        pool: {"mean": statistics.fmean(values), "per_pipeline_seed": values}
+        for pool, values in found.items()
+        if len(values) == len(seeds)
+    }
+
+
+def _refreshes(runs: dict[int, dict], seeds: list[int]) -> dict:
+    """Per pipeline seed, each MLCO round's refresh check (``mlco.refresh_check``): the mislabel AUROC of the
+    valuation in use and of the refit, and whether the refit was adopted."""
+    return {
+        seed: [
+            {"round": r["round"], **r["valuation_refresh"]}
+            for r in runs[seed].get("mlco") or []
+            if r.get("valuation_refresh")
+        ]
+        for seed in seeds
     }
 
 
@@ -296,6 +325,24 @@ def markdown(result: dict) -> str:
         for pool, auroc in result["valuation_auroc"].items():
             per_seed = ", ".join(f"{v:.3f}" for v in auroc["per_pipeline_seed"])
             lines.append(f"- {pool}: {auroc['mean']:.3f} (per seed {per_seed})")
+    if result.get("judged_pools"):
+        lines += ["", "## What the judge sees in each pool", ""]
+        lines.append("Share of each pool's images in their own fine class, mean over pipeline seeds (per seed).")
+        lines.append("")
+        for pool, share in result["judged_pools"].items():
+            per_seed = ", ".join(f"{100 * v:.1f}" for v in share["per_pipeline_seed"])
+            lines.append(f"- {pool}: {100 * share['mean']:.1f}% ({per_seed})")
+    refreshes = [(seed, r) for seed, rounds in (result.get("valuation_refresh") or {}).items() for r in rounds]
+    if refreshes:
+        lines += ["", "## The valuation refresh after each MLCO round", ""]
+        lines.append("Mislabel AUROC on the meta set of the valuation in use and of the refit; adopted or kept.")
+        lines.append("")
+        for seed, r in refreshes:
+            verdict = "adopted" if r["adopted"] else "kept the one in use"
+            lines.append(
+                f"- seed {seed}, round {r['round']}: in use {r['mislabel_auroc_in_use']}, "
+                f"refit {r['mislabel_auroc_refreshed']}: {verdict}"
+            )
     seconds = result["stage_seconds_per_pipeline_seed"]
     lines += [
         "",
