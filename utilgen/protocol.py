@@ -202,6 +202,7 @@ def summarise(runs: dict[int, dict], loss_runs: dict[int, dict]) -> dict:
         "valuation_auroc": _valuation_auroc(runs, seeds),
         "judged_pools": _judged_pools(runs, seeds),
         "valuation_refresh": _refreshes(runs, seeds),
+        "ilpo": {seed: runs[seed]["ilpo"] for seed in seeds if runs[seed].get("ilpo")},
         "test": {
             "test_reads": sum(e["test_reads"] for e in experiments),
             "test_split_sha256": {seed: runs[seed]["experiment"]["test_split_sha256"] for seed in seeds},
@@ -342,6 +343,16 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"- seed {seed}, round {r['round']}: in use {r['mislabel_auroc_in_use']}, "
                 f"refit {r['mislabel_auroc_refreshed']}: {verdict}"
+            )
+    if result.get("ilpo"):
+        lines += ["", "## What ILPO changed", ""]
+        lines.append("Mean utility of the final pool's instances under the valuation ILPO climbs.")
+        lines.append("")
+        for seed, ilpo in result["ilpo"].items():
+            lines.append(
+                f"- seed {seed}: {ilpo['utility_before']:.3f} before, {ilpo['utility_after_prompt']:.3f} after the "
+                f"prompt step ({ilpo['prompt_moved']} of {ilpo['instances']} prompts moved), "
+                f"{ilpo['utility_after']:.3f} after the noise step"
             )
     seconds = result["stage_seconds_per_pipeline_seed"]
     lines += [
