@@ -234,25 +234,22 @@ def _judged(runs: dict[int, dict], seeds: list[int], pool: str | None) -> dict |
 def _valuation_auroc(runs: dict[int, dict], seeds: list[int]) -> dict:
     """Per pool with utilities: how well they separate the judge's right-fine-class images from the wrong,
     per pipeline seed and on average."""
-    found: dict[str, list[float]] = {}
-    for seed in seeds:
-        for pool, verdict in (runs[seed].get("judge") or {}).items():
-            if verdict.get("utility_auroc") is not None:
-                found.setdefault(pool, []).append(verdict["utility_auroc"])
-    return {
-        pool: {"mean": statistics.fmean(values), "per_pipeline_seed": values}
-        for pool, values in found.items()
-        if len(values) == len(seeds)
-    }
+    return _per_pool(runs, seeds, "utility_auroc")
 
 
 def _judged_pools(runs: dict[int, dict], seeds: list[int]) -> dict:
     """Every judged pool's share in its own fine class, per pipeline seed and on average: what each stage's
     images show (pool0 -> the MLCO rounds' candidates -> plain vs UtilGen)."""
+    return _per_pool(runs, seeds, "fine")
+
+
+def _per_pool(runs: dict[int, dict], seeds: list[int], field: str) -> dict:
+    """{pool: {mean, per_pipeline_seed}} of the judge's ``field`` for the pools that have it in every seed."""
     found: dict[str, list[float]] = {}
     for seed in seeds:
         for pool, verdict in (runs[seed].get("judge") or {}).items():
-            found.setdefault(pool, []).append(verdict["fine"])
+            if verdict.get(field) is not None:
+                found.setdefault(pool, []).append(verdict[field])
     return {
         pool: {"mean": statistics.fmean(values), "per_pipeline_seed": values}
         for pool, values in found.items()
