@@ -2,8 +2,12 @@
 
 Providers (``registry.SHAPES``-style, one group per model):
 - ``eager``: the plain weighted step (W_phi under no_grad, weighted CE, backward, SGD step): the baseline;
-- ``iteration_<strategy>``: one full meta-iteration: look-ahead meta-gradient by <strategy>,
-  Adam step of phi, then the same weighted step;
+- ``iteration_<strategy>``: one full meta-iteration (``meta_iteration``): look-ahead meta-gradient by
+  <strategy>, Adam step of phi, then the real step with a fresh forward under the new weights
+  (``real_step="fresh_forward"``, Meta-Weight-Net's code);
+- ``iteration_<strategy>_reuse``: the real step's backward through the virtual step's forward graph
+  (``real_step="reuse_forward"``);
+- ``iteration_<strategy>_lagged``: the real step along the virtual step's gradient (``real_step="lagged"``);
 - ``metagrad_<strategy>``: the look-ahead meta-gradient alone.
 
 Goal for the default (directional): iteration <= 2.5x the plain step's time, <= 1.3x its peak
@@ -20,7 +24,7 @@ import registry
 import torch
 
 from utilgen.models import WeightNet, build_classifier
-from utilgen.valuation import META_GRADIENTS, meta_update, weighted_step
+from utilgen.valuation import META_GRADIENTS, meta_iteration, weighted_step
 from utilgen.valuation.strategies import Lookahead, meta_gradient
 from utilgen.valuation.trainer import lookahead_model_fn
 
@@ -42,7 +46,18 @@ MODELS = {
         "meta_batch": 128,
     },
 }
-PROVIDERS = ("eager", *(f"iteration_{s}" for s in META_GRADIENTS), *(f"metagrad_{s}" for s in META_GRADIENTS))
+# provider -> (kind, strategy, real step); the iteration's real step is named by a suffix
+_SUFFIX = {"fresh_forward": "", "reuse_forward": "_reuse", "lagged": "_lagged"}
+_PROVIDERS = {
+    "eager": ("eager", None, None),
+    **{
+        f"iteration_{strategy}{suffix}": ("iteration", strategy, real_step)
+        for real_step, suffix in _SUFFIX.items()
+        for strategy in META_GRADIENTS
+    },
+    **{f"metagrad_{strategy}": ("metagrad", strategy, None) for strategy in META_GRADIENTS},
+}
+PROVIDERS = tuple(_PROVIDERS)
 
 
 def _skip_reason(model_name: str) -> str:
@@ -80,14 +95,22 @@ def _callable(provider, classifier, weight_net, optimizer, meta_optimizer, batch
     def plain():
         return weighted_step(classifier, weight_net, optimizer, batch)
 
-    if provider == "eager":
+    kind, strategy, real_step = _PROVIDERS[provider]
+    if kind == "eager":
         return plain
-    kind, strategy = provider.split("_", 1)
     if kind == "iteration":
 
         def iteration():
-            meta_update(classifier, weight_net, meta_optimizer, batch, meta, strategy=strategy, inner_lr=0.01)
-            return plain()
+            return meta_iteration(
+                classifier,
+                weight_net,
+                optimizer,
+                meta_optimizer,
+                batch,
+                meta,
+                strategy=strategy,
+                real_step=real_step,
+            )
 
         return iteration
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 
 from utilgen.config import ValuationConfig
 from utilgen.data import LabelledImages, load_embedded, make_splits
-from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
+from utilgen.models import WeightNet
+from utilgen.models.classifier import SmallCNN
+from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation, meta_iteration, meta_update, weighted_step
+from utilgen.valuation.trainer import _Batches
 
 FLIP_FRACTION = 0.3
 
@@ -141,3 +145,179 @@ def test_a_valuation_saved_before_its_kind_was_recorded_still_loads(fitted, tmp_
     torch.testing.assert_close(
         Valuation.load(tmp_path / "old").score(noisy.images, noisy.labels), valuation.score(noisy.images, noisy.labels)
     )
+
+
+# --------------------------------------------------------------------------- the fused iteration
+
+
+def _iteration_setup(dropout: float):
+    torch.manual_seed(3)
+    classifier = SmallCNN(4, 1, (4, 8), dropout=dropout).train()
+    weight_net = WeightNet(8)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    meta_optimizer = torch.optim.Adam(weight_net.parameters(), lr=1e-2)
+    batch = (torch.rand(12, 1, 8, 8), torch.randint(0, 4, (12,)))
+    meta = (torch.rand(10, 1, 8, 8), torch.randint(0, 4, (10,)))
+    return classifier, weight_net, optimizer, meta_optimizer, batch, meta
+
+
+def _run_iterations(dropout: float, real_step: str, *, replay: str | None = None, steps: int = 3):
+    """(classifier, weight net, losses) after ``steps`` TODV iterations.
+
+    ``replay``: instead of ``meta_iteration``, its reference: ``meta_update``, then a fresh ``weighted_step``
+    that draws the virtual step's dropout masks, weighted by W_phi after ("updated") or before ("previous")
+    the phi step.
+    """
+    classifier, weight_net, optimizer, meta_optimizer, batch, meta = _iteration_setup(dropout)
+    losses = []
+    for _ in range(steps):
+        if replay is None:
+            _, loss, _ = meta_iteration(
+                classifier,
+                weight_net,
+                optimizer,
+                meta_optimizer,
+                batch,
+                meta,
+                strategy="directional",
+                real_step=real_step,
+            )
+        else:
+            state, previous = torch.get_rng_state(), copy.deepcopy(weight_net)
+            meta_update(classifier, weight_net, meta_optimizer, batch, meta, strategy="directional", inner_lr=0.05)
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(state)
+                weights_from = weight_net if replay == "updated" else previous
+                loss, _ = weighted_step(classifier, weights_from, optimizer, batch)
+        losses.append(float(loss))
+    return classifier, weight_net, losses
+
+
+def _assert_same_state(a, b, tolerance):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_reusing_the_forward_equals_a_second_forward_without_dropout():
+    # Without dropout both forwards compute the same function: only float rounding may differ.
+    fused = _run_iterations(0.0, "reuse_forward")
+    separate = _run_iterations(0.0, "fresh_forward")
+    _assert_same_state(fused[0], separate[0], 1e-6)
+    _assert_same_state(fused[1], separate[1], 1e-6)
+    assert fused[2] == pytest.approx(separate[2], rel=1e-6)
+
+
+def test_reusing_the_forward_keeps_the_virtual_steps_dropout_masks():
+    fused = _run_iterations(0.5, "reuse_forward")
+    replayed = _run_iterations(0.5, "fresh_forward", replay="updated")
+    fresh = _run_iterations(0.5, "fresh_forward")
+    _assert_same_state(fused[0], replayed[0], 1e-6)
+    assert fused[2] == pytest.approx(replayed[2], rel=1e-6)
+    # and the masks matter: a fresh forward draws new ones and lands elsewhere
+    assert any(abs(a - b) > 1e-4 for a, b in zip(fused[2], fresh[2], strict=True))
+
+
+def test_the_lagged_step_uses_the_weights_from_before_the_phi_step():
+    lagged = _run_iterations(0.5, "lagged")
+    replayed = _run_iterations(0.5, "fresh_forward", replay="previous")
+    updated = _run_iterations(0.5, "reuse_forward")
+    _assert_same_state(lagged[0], replayed[0], 1e-6)
+    _assert_same_state(lagged[1], replayed[1], 1e-6)
+    assert lagged[2] == pytest.approx(replayed[2], rel=1e-6)
+    assert any(  # phi moved, so the lag is visible in theta
+        not torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+        for p, q in zip(lagged[0].parameters(), updated[0].parameters(), strict=True)
+    )
+
+
+def test_an_unknown_real_step_is_refused():
+    classifier, weight_net, optimizer, meta_optimizer, batch, meta = _iteration_setup(0.0)
+    with pytest.raises(ValueError, match="real_step must be one of"):
+        meta_iteration(classifier, weight_net, optimizer, meta_optimizer, batch, meta, strategy="exact", real_step="x")
+    with pytest.raises(ValueError, match=r"valuation\.real_step"):
+        ValuationConfig(real_step="twice")
+
+
+def test_a_non_finite_meta_loss_skips_both_steps():
+    classifier, weight_net, optimizer, meta_optimizer, batch, meta = _iteration_setup(0.0)
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+    phi_before = {k: v.clone() for k, v in weight_net.state_dict().items()}
+    bad_meta = (torch.full_like(meta[0], float("nan")), meta[1])
+    out, loss, _ = meta_iteration(
+        classifier, weight_net, optimizer, meta_optimizer, batch, bad_meta, strategy="finite_difference"
+    )
+    assert not torch.isfinite(out.meta_loss)
+    assert not torch.isfinite(loss)
+    for name, value in classifier.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for name, value in weight_net.state_dict().items():
+        assert torch.equal(value, phi_before[name]), name
+
+
+# --------------------------------------------------------------------------- the T-step look-ahead in the fit
+
+
+def test_peeked_batches_are_the_ones_next_returns():
+    batches = _Batches(10, 4, torch.Generator().manual_seed(0))
+    reference = _Batches(10, 4, torch.Generator().manual_seed(0))
+    first = batches.next()
+    assert torch.equal(first, reference.next())
+    ahead = batches.peek(3)  # crosses an epoch boundary: 10 rows, batches of 4
+    assert [torch.equal(a, b) for a, b in zip(batches.peek(2), ahead[:2], strict=True)] == [True, True]
+    for expected in ahead:
+        got = batches.next()
+        assert torch.equal(got, expected)
+        assert torch.equal(got, reference.next())
+
+
+def test_the_unrolled_look_ahead_steps_on_the_batches_the_classifier_trains_on_next(monkeypatch):
+    from utilgen.valuation import trainer
+
+    splits, noisy, _ = noisy_task(pool_size=100)
+    seen_lookahead, seen_trained = [], []
+    real_gradient, real_iteration = trainer.unrolled_hvp_meta_gradient, trainer.meta_iteration
+
+    def recording_gradient(problem, **kwargs):
+        seen_lookahead.append([targets.clone() for _, targets in problem.batches])
+        return real_gradient(problem, **kwargs)
+
+    def recording_iteration(classifier, weight_net, optimizer, meta_optimizer, batch, *args, **kwargs):
+        seen_trained.append(batch[1].clone())
+        return real_iteration(classifier, weight_net, optimizer, meta_optimizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "unrolled_hvp_meta_gradient", recording_gradient)
+    monkeypatch.setattr(trainer, "meta_iteration", recording_iteration)
+    config = ValuationConfig(
+        steps=4, batch_size=32, meta_batch_size=20, strategy="unrolled_hvp", lookahead_steps=3, fix_real_weights=True
+    )
+    valuation = fit_valuation(splits.train, noisy, splits.meta, config, progress=False)
+    assert len(valuation.history.meta_loss) == 4
+    assert all(len(batches) == 3 for batches in seen_lookahead)
+    for step, batches in enumerate(seen_lookahead):
+        for ahead, targets in enumerate(batches):
+            if step + ahead < len(seen_trained):
+                assert torch.equal(targets, seen_trained[step + ahead])
+
+
+def test_look_ahead_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match=r"needs valuation\.strategy=unrolled_hvp"):
+        ValuationConfig(lookahead_steps=3)
+    with pytest.raises(ValueError, match="keeps no forward graph"):
+        ValuationConfig(strategy="unrolled_hvp", lookahead_steps=2, real_step="reuse_forward")
+    with pytest.raises(ValueError, match="lookahead_hvp"):
+        ValuationConfig(strategy="unrolled_hvp", lookahead_hvp="newton")
+
+
+def test_the_one_step_unrolled_look_ahead_takes_the_lagged_step_of_the_exact_strategy():
+    # T = 1 with exact products is the one-step look-ahead; both draw dropout in the same order.
+    results = {}
+    for strategy in ("exact", "unrolled_hvp"):
+        classifier, weight_net, optimizer, meta_optimizer, batch, meta = _iteration_setup(0.5)
+        torch.manual_seed(11)
+        for _ in range(3):
+            meta_iteration(
+                classifier, weight_net, optimizer, meta_optimizer, batch, meta, strategy=strategy, real_step="lagged"
+            )
+        results[strategy] = (classifier, weight_net)
+    _assert_same_state(results["exact"][0], results["unrolled_hvp"][0], 1e-5)
+    _assert_same_state(results["exact"][1], results["unrolled_hvp"][1], 1e-5)

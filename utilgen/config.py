@@ -159,6 +159,8 @@ class SyntheticConfig:
 NOISE_STRATEGIES = ("redenoise", "gradient", "none")
 DRIFTS = ("l2", "class_consistency")
 UTILITIES = ("meta-learned", "classifier-loss")
+REAL_STEPS = ("fresh_forward", "reuse_forward", "lagged")  # TODV's theta step after the phi step
+LOOKAHEAD_HVPS = ("exact", "forward_over_reverse", "finite_difference", "gauss_newton")
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 
 
@@ -172,7 +174,20 @@ class ValuationConfig:
     # "meta-learned": W_phi trained bi-level against the meta set (TODV). "classifier-loss": the ablation
     # without meta-learning: the classifier trains unweighted and the utility is its p(y | x) = exp(-loss).
     utility: str = "meta-learned"
-    strategy: str = "directional"  # a key of utilgen.valuation.META_GRADIENTS
+    # A key of utilgen.valuation.META_GRADIENTS (one step ahead), or "unrolled_hvp": lookahead_steps ahead.
+    # finite_difference + the lagged real step: the only pair within 2.5x a plain training step's time and
+    # 1.3x its memory (benchmarks/results/README.md, "TODV meta-iteration"), with the same flipped-label AUROC
+    # as the others over 5 seeds (benchmarks/results/todv-variants.json).
+    strategy: str = "finite_difference"
+    # unrolled_hvp only (utilgen/valuation/multistep.py): T virtual steps on the next T training batches; the
+    # Hessian-vector products' method (exact | forward_over_reverse | finite_difference | gauss_newton) and how
+    # the logit tangent is taken (forward | finite_difference). gauss_newton + finite_difference is the
+    # low-memory pair (~1.05x a training step at T = 5), exact + forward the accurate one (~2.6x).
+    lookahead_steps: int = 1
+    lookahead_hvp: str = "exact"
+    lookahead_tangent: str = "forward"
+    # How theta steps after each phi step (utilgen.valuation.meta_iteration): one of REAL_STEPS.
+    real_step: str = "lagged"
     classifier: str = "cnn-small"  # a utilgen.models.build_classifier name
     steps: int = 150
     batch_size: int = 64
@@ -190,6 +205,20 @@ class ValuationConfig:
 
     def __post_init__(self) -> None:
         _one_of("valuation", "utility", self.utility, UTILITIES)
+        _one_of("valuation", "real_step", self.real_step, REAL_STEPS)
+        _one_of("valuation", "lookahead_hvp", self.lookahead_hvp, LOOKAHEAD_HVPS)
+        _one_of("valuation", "lookahead_tangent", self.lookahead_tangent, ("forward", "finite_difference"))
+        _at_least(self, "valuation", ("lookahead_steps",), 1)
+        _require(
+            self.strategy == "unrolled_hvp" or self.lookahead_steps == 1,
+            f"valuation.lookahead_steps={self.lookahead_steps} needs valuation.strategy=unrolled_hvp "
+            f"(the strategy {self.strategy!r} looks one step ahead)",
+        )
+        _require(
+            self.strategy != "unrolled_hvp" or self.real_step != "reuse_forward",
+            "valuation.strategy=unrolled_hvp keeps no forward graph for the real step: "
+            "use valuation.real_step=lagged or fresh_forward",
+        )
         _at_least(self, "valuation", ("steps", "batch_size", "meta_batch_size", "weight_net_hidden"), 1)
         _require(self.meta_every >= 0, f"valuation.meta_every must be >= 0 (0: no reweighting), got {self.meta_every}")
         _positive_finite(self, "valuation", ("inner_lr", "meta_lr"))
@@ -283,9 +312,23 @@ class ILPOConfig:
     min_improvement: float = 1e-4  # of the objective J
     batch_size: int = 100
     backend: str | None = None  # latent_update backend (None: utilgen.ops' automatic choice)
+    # Kept denoiser calls under torch.utils.checkpoint: the same gradient for one more forward per kept call.
+    # "auto": only when the ascent's saved activations would pass 2 GiB (measured on the generator: the embedded
+    # one saves ~5.3 MiB per instance per kept guided call, so its prompt ascent (2 calls, batch 100: 1.0 GiB)
+    # runs without it and its noise ascent (10 calls) with it). "always" or "never".
+    checkpoint: str = "auto"
+    # Reuse what the stage rendered already (adaptation/ilpo.py's docstring, "Cost"): a rounding-level change that
+    # Adam's per-entry scaling grows to ~1e-3 in prompts and images (tests/test_ilpo.py, REUSE_PROMPT_ATOL).
+    # False renders every image as Generator.sample does, bit for bit (the reference path).
+    reuse_renders: bool = True
 
     def __post_init__(self) -> None:
         _one_of("ilpo", "noise_strategy", self.noise_strategy, NOISE_STRATEGIES)
+        _one_of("ilpo", "checkpoint", self.checkpoint, ("auto", "always", "never"))
+        _require(
+            isinstance(self.reuse_renders, bool),
+            f"ilpo.reuse_renders must be true or false, got {self.reuse_renders!r}",
+        )
         _one_of("ilpo", "drift", self.drift, DRIFTS)
         _at_least(self, "ilpo", ("prompt_steps", "noise_steps", "grad_steps"), 0)
         _at_least(self, "ilpo", ("patience", "batch_size"), 1)
@@ -327,8 +370,13 @@ class EvaluationConfig:
     lr: float = 0.05
     augment: bool = True  # random 1/16-side shifts and horizontal flips, the same for every setting
     ablation: bool = False  # also: plain, +MLCO, +prompt, +noise, all (synthetic-only)
+    # Train the stage's classifiers together (utilgen.evaluate.training_plan: on CPU one per torch thread, on
+    # CUDA as stacked models; the CNN family only, others one after another); false: one after another, the
+    # reference. Each classifier draws the same random streams; the two differ by float rounding.
+    batched: bool = True
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.batched, bool), f"evaluation.batched must be true or false, got {self.batched!r}")
         _require(len(self.seeds) >= 1, "evaluation.seeds needs at least one seed")
         for seed in self.seeds:
             _seed("evaluation.seeds", seed)

@@ -87,12 +87,12 @@ def resolve_device(requested: str) -> torch.device:
 def check_names(cfg: Config, device: torch.device) -> None:
     """What only torch-side code can check: classifier and strategy names, and settings the CLI cannot serve."""
     from utilgen.models.classifier import CLASSIFIERS
-    from utilgen.valuation import META_GRADIENTS
+    from utilgen.valuation import STRATEGIES
 
     for key, name, what, known in (
         ("valuation.classifier", cfg.valuation.classifier, "classifier", CLASSIFIERS),
         ("evaluation.classifier", cfg.evaluation.classifier, "classifier", CLASSIFIERS),
-        ("valuation.strategy", cfg.valuation.strategy, "meta-gradient strategy", META_GRADIENTS),
+        ("valuation.strategy", cfg.valuation.strategy, "meta-gradient strategy", STRATEGIES),
     ):
         if name not in known:
             raise ConfigError(f"{key}={name!r} is not a {what}; choose one of {', '.join(known)}")

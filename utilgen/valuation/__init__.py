@@ -6,15 +6,19 @@
   ``save`` / ``Valuation.load`` (safetensors + JSON).
 - ``mislabel_auroc(valuation, images, labels)``: how well the utility ranks real images under their true
   label above the same images mislabelled (0.5 chance, below it inverted); ``auroc`` the statistic.
-- ``META_GRADIENTS``: the look-ahead meta-gradient strategies (exact, directional, finite_difference).
+- ``META_GRADIENTS``: the one-step look-ahead meta-gradient strategies (exact, directional, finite_difference);
+  ``STRATEGIES`` adds "unrolled_hvp", T steps ahead (``unrolled_hvp_meta_gradient``, Hessian-vector products).
 """
 
+from utilgen.valuation.multistep import MultiStepLookahead, exact_unrolled_meta_gradient, unrolled_hvp_meta_gradient
 from utilgen.valuation.probe import auroc, mislabel_auroc
 from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, meta_gradient
 from utilgen.valuation.trainer import (
+    STRATEGIES,
     FitHistory,
     NonFiniteLossError,
     fit_valuation,
+    meta_iteration,
     meta_update,
     weighted_step,
 )
@@ -22,15 +26,20 @@ from utilgen.valuation.valuation import Valuation
 
 __all__ = [
     "META_GRADIENTS",
+    "STRATEGIES",
     "FitHistory",
     "Lookahead",
     "MetaGradient",
+    "MultiStepLookahead",
     "NonFiniteLossError",
     "Valuation",
     "auroc",
+    "exact_unrolled_meta_gradient",
     "fit_valuation",
     "meta_gradient",
+    "meta_iteration",
     "meta_update",
     "mislabel_auroc",
+    "unrolled_hvp_meta_gradient",
     "weighted_step",
 ]

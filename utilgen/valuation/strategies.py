@@ -47,6 +47,9 @@ Params = Mapping[str, torch.Tensor]
 ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
 
 
+REAL_STEP_KEEPS = ("nothing", "forward", "gradient")
+
+
 @dataclass(frozen=True, eq=False)
 class Lookahead:
     """One look-ahead problem: classifier theta, weight network W_phi, a training and a meta batch.
@@ -63,6 +66,12 @@ class Lookahead:
     normalize: use w_i N / sum_j w_j (batch mean 1) in the virtual step, as
         Meta-Weight-Net's released code does; the meta-gradient then flows
         through the normalisation too (see ``effective_weights``).
+    keep: what the result carries for the trainer's real step (``REAL_STEP_KEEPS``):
+        "nothing"; "forward": the training batch's forward graph at theta
+        (``MetaGradient.training_forward``), so that the real step can take its
+        backward under the updated weights without a second forward (that graph
+        stays alive through the meta forward and backward: memory); "gradient":
+        the virtual step's gradient (``MetaGradient.training_gradient``), detached.
     """
 
     model_fn: ModelFn
@@ -76,6 +85,18 @@ class Lookahead:
     inner_lr: float
     weight_mask: torch.Tensor | None = None
     normalize: bool = False
+    keep: str = "nothing"
+
+    def __post_init__(self) -> None:
+        if self.keep not in REAL_STEP_KEEPS:
+            raise ValueError(f"Lookahead.keep must be one of {REAL_STEP_KEEPS}, got {self.keep!r}")
+
+
+class TrainingForward(NamedTuple):
+    """The training batch's forward at theta, kept for the real step (``Lookahead.keep == "forward"``)."""
+
+    leaves: dict[str, torch.Tensor]  # name -> a leaf holding theta (requires grad); the graph starts here
+    logits: torch.Tensor  # (N, K) f(x; theta) with its graph to ``leaves``
 
 
 class MetaGradient(NamedTuple):
@@ -83,6 +104,9 @@ class MetaGradient(NamedTuple):
     meta_loss: torch.Tensor  # () L_v(theta'), detached
     per_sample_loss: torch.Tensor  # (N,) l_i(theta), detached
     weights: torch.Tensor  # (N,) effective w_i of the virtual step (normalised if asked), detached
+    training_forward: TrainingForward | None = None  # only with Lookahead.keep == "forward"
+    # name -> grad_theta (1/N) sum_i w_i l_i(theta), the virtual step's gradient; only with keep == "gradient"
+    training_gradient: dict[str, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -144,7 +168,10 @@ def _meta_loss_and_direction(problem: Lookahead, virtual: Params, backend: str |
 
 
 def _virtual_step(problem: Lookahead, backend: str | None):
-    """First-order virtual step: (theta', l (N,), z (N, K) detached, w (N,) with phi graph, rng state)."""
+    """First-order virtual step: (theta', l (N,), z (N, K) detached, w (N,) with phi graph, rng state, kept).
+
+    ``kept``: the (training_forward, training_gradient) pair of ``MetaGradient``, as ``problem.keep`` asks.
+    """
     rng = _rng_state()
     leaves = {name: t.detach().requires_grad_(True) for name, t in problem.params.items()}
     logits = problem.model_fn(leaves, problem.inputs)  # (N, K)
@@ -152,12 +179,25 @@ def _virtual_step(problem: Lookahead, backend: str | None):
         per_sample_loss = weighted_cross_entropy(logits, problem.targets, reduction="none", backend=backend)  # (N,)
     weights = _weights(problem, per_sample_loss, logits)  # (N,), graph to phi
     loss = weighted_cross_entropy(logits, problem.targets, weights.detach(), backend=backend)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    keep_forward = problem.keep == "forward"
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, retain_graph=keep_forward)
     virtual = {
         name: problem.params[name].detach() - problem.inner_lr * g if g is not None else problem.params[name].detach()
         for name, g in zip(leaves, grads, strict=True)
     }
-    return virtual, per_sample_loss, logits.detach(), weights, rng
+    return virtual, per_sample_loss, logits.detach(), weights, rng, _kept(problem, leaves, logits, grads)
+
+
+def _kept(problem: Lookahead, leaves: dict, logits: torch.Tensor, grads) -> tuple:
+    """(training_forward, training_gradient) for ``MetaGradient``, as ``problem.keep`` asks."""
+    if problem.keep == "forward":
+        return TrainingForward(leaves, logits), None
+    if problem.keep == "gradient":
+        return None, {
+            name: torch.zeros_like(leaf) if g is None else g.detach()
+            for (name, leaf), g in zip(leaves.items(), grads, strict=True)
+        }
+    return None, None
 
 
 def _phi_grads_from_directional(problem: Lookahead, weights: torch.Tensor, directional: torch.Tensor) -> dict:
@@ -189,18 +229,19 @@ def exact_meta_gradient(problem: Lookahead) -> MetaGradient:
     meta_logits = problem.model_fn(virtual, problem.meta_inputs)  # (M, K)
     meta_loss = weighted_cross_entropy(meta_logits, problem.meta_targets, backend="reference")
     names, phi = _weight_net_params(problem)
-    phi_grads = torch.autograd.grad(meta_loss, phi, allow_unused=True)
+    phi_grads = torch.autograd.grad(meta_loss, phi, allow_unused=True, retain_graph=problem.keep == "forward")
     return MetaGradient(
         {name: torch.zeros_like(p) if g is None else g for name, p, g in zip(names, phi, phi_grads, strict=True)},
         meta_loss.detach(),
         per_sample_loss,
         weights.detach(),
+        *_kept(problem, leaves, logits, grads),
     )
 
 
 def directional_meta_gradient(problem: Lookahead, *, backend: str | None = None) -> MetaGradient:
     """The identity with s_i from one forward-mode pass at theta (no second-order graph)."""
-    virtual, per_sample_loss, _, weights, rng = _virtual_step(problem, backend)
+    virtual, per_sample_loss, _, weights, rng, kept = _virtual_step(problem, backend)
     meta_loss, direction = _meta_loss_and_direction(problem, virtual, backend)
     del virtual
     with _replayed_randomness(rng):
@@ -208,7 +249,11 @@ def directional_meta_gradient(problem: Lookahead, *, backend: str | None = None)
             problem.model_fn, problem.params, problem.inputs, problem.targets, direction, backend=backend
         )
     return MetaGradient(
-        _phi_grads_from_directional(problem, weights, out.directional), meta_loss, per_sample_loss, weights.detach()
+        _phi_grads_from_directional(problem, weights, out.directional),
+        meta_loss,
+        per_sample_loss,
+        weights.detach(),
+        *kept,
     )
 
 
@@ -239,7 +284,7 @@ def finite_difference_meta_gradient(
     onehot(y_i), u_i> (the fused row dot). Differencing logits rather than losses
     leaves only the network's own curvature in the error, not the cross-entropy's.
     """
-    virtual, per_sample_loss, logits, weights, rng = _virtual_step(problem, backend)
+    virtual, per_sample_loss, logits, weights, rng, kept = _virtual_step(problem, backend)
     meta_loss, direction = _meta_loss_and_direction(problem, virtual, backend)
     del virtual
     step = default_one_sided_eps(direction) if eps is None else float(eps)
@@ -252,7 +297,11 @@ def finite_difference_meta_gradient(
         tangent = (shifted_logits.float() - logits.float()) / step  # (N, K)
         directional = weighted_cross_entropy(logits, problem.targets, tangent=tangent, backend=backend).directional
     return MetaGradient(
-        _phi_grads_from_directional(problem, weights, directional), meta_loss, per_sample_loss, weights.detach()
+        _phi_grads_from_directional(problem, weights, directional),
+        meta_loss,
+        per_sample_loss,
+        weights.detach(),
+        *kept,
     )
 
 

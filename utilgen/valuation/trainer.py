@@ -20,6 +20,7 @@ reweighting (all weights 1): the baseline the evidence compares against.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass, field
@@ -33,10 +34,25 @@ from utilgen.config import ValuationConfig
 from utilgen.data import LabelledImages
 from utilgen.models import LossUtility, WeightNet, build_classifier, per_sample_features
 from utilgen.ops import weighted_cross_entropy
+from utilgen.valuation.multistep import MultiStepLookahead, unrolled_hvp_meta_gradient
 from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, effective_weights, meta_gradient
 from utilgen.valuation.valuation import Valuation
 
 log = logging.getLogger(__name__)
+
+# ValuationConfig.real_step -> what the look-ahead keeps for it (``Lookahead.keep``)
+REAL_STEPS = {"fresh_forward": "nothing", "reuse_forward": "forward", "lagged": "gradient"}
+# ValuationConfig.strategy: the one-step strategies, and the T-step one (utilgen/valuation/multistep.py)
+STRATEGIES = (*META_GRADIENTS, "unrolled_hvp")
+
+
+@dataclass(frozen=True)
+class Unrolled:
+    """The later batches and settings of a T-step look-ahead (strategy "unrolled_hvp")."""
+
+    later: tuple = ()  # T - 1 ((inputs, targets), weight mask or None) of the batches after the current one
+    hvp_method: str = "exact"
+    tangent: str = "forward"
 
 
 @dataclass
@@ -88,12 +104,34 @@ def meta_update(
     inner_lr: float,
     weight_mask: torch.Tensor | None = None,
     normalize: bool = True,
+    keep: str = "nothing",
+    unrolled: Unrolled = Unrolled(),
 ) -> MetaGradient:
-    """One look-ahead meta-gradient by ``strategy`` and one optimizer step of phi. theta is not changed.
+    """One look-ahead meta-gradient by ``strategy`` (one of ``STRATEGIES``) and one optimizer step of phi.
 
-    A non-finite meta loss skips the phi step (the caller sees it in the result).
+    theta is not changed. A non-finite meta loss skips the phi step (the caller sees it in the result).
+    ``keep``: what the result carries for the real step (``Lookahead.keep``; one-step strategies only).
+    ``unrolled``: strategy "unrolled_hvp"'s later batches and settings.
     """
     params = {name: p.detach() for name, p in classifier.named_parameters()}
+    if strategy == "unrolled_hvp":
+        if keep == "forward":
+            raise ValueError('strategy "unrolled_hvp" keeps no forward graph: use the lagged or fresh_forward step')
+        masks = [weight_mask, *(mask for _, mask in unrolled.later)]
+        problem = MultiStepLookahead(
+            lookahead_model_fn(classifier),
+            params,
+            weight_net,
+            weight_net.features,
+            [batch, *(later_batch for later_batch, _ in unrolled.later)],
+            meta_batch[0],
+            meta_batch[1],
+            inner_lr,
+            None if all(mask is None for mask in masks) else masks,
+            normalize,
+        )
+        out = unrolled_hvp_meta_gradient(problem, hvp_method=unrolled.hvp_method, tangent=unrolled.tangent)
+        return _step_phi(weight_net, meta_optimizer, out)
     problem = Lookahead(
         lookahead_model_fn(classifier),
         params,
@@ -106,8 +144,13 @@ def meta_update(
         inner_lr,
         weight_mask,
         normalize,
+        keep,
     )
-    out = meta_gradient(problem, strategy)
+    return _step_phi(weight_net, meta_optimizer, meta_gradient(problem, strategy))
+
+
+def _step_phi(weight_net: WeightNet, meta_optimizer: torch.optim.Optimizer, out: MetaGradient) -> MetaGradient:
+    """One optimizer step of phi along ``out.phi_grads``, unless the meta loss is non-finite."""
     if not bool(torch.isfinite(out.meta_loss)):
         return out
     for name, p in weight_net.named_parameters():
@@ -115,6 +158,16 @@ def meta_update(
     meta_optimizer.step()
     meta_optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def _current_weights(weight_net, logits, targets, weight_mask, normalize) -> torch.Tensor:
+    """(N,) the effective weights W_phi gives the batch now (all 1 without a weight net), no graph."""
+    if weight_net is None:
+        return torch.ones(targets.shape[0], device=logits.device)
+    with torch.no_grad():
+        losses = weighted_cross_entropy(logits.detach(), targets, reduction="none")  # (N,)
+        raw = weight_net(per_sample_features(losses, logits.detach(), targets, weight_net.features))  # (N,)
+        return effective_weights(raw, weight_mask, normalize)
 
 
 def weighted_step(
@@ -132,13 +185,7 @@ def weighted_step(
     """
     inputs, targets = batch
     logits = classifier(inputs)  # (N, K)
-    if weight_net is None:
-        weights = torch.ones(targets.shape[0], device=logits.device)
-    else:
-        with torch.no_grad():
-            losses = weighted_cross_entropy(logits.detach(), targets, reduction="none")  # (N,)
-            raw = weight_net(per_sample_features(losses, logits, targets, weight_net.features))  # (N,)
-            weights = effective_weights(raw, weight_mask, normalize)
+    weights = _current_weights(weight_net, logits, targets, weight_mask, normalize)
     loss = weighted_cross_entropy(logits, targets, weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -147,22 +194,102 @@ def weighted_step(
     return loss.detach(), weights
 
 
+def meta_iteration(
+    classifier: nn.Module,
+    weight_net: WeightNet,
+    optimizer: torch.optim.Optimizer,
+    meta_optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    meta_batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    strategy: str,
+    real_step: str = "fresh_forward",
+    weight_mask: torch.Tensor | None = None,
+    normalize: bool = True,
+    unrolled: Unrolled = Unrolled(),
+) -> tuple[MetaGradient, torch.Tensor, torch.Tensor]:
+    """One full TODV iteration: the phi step (``meta_update``), then the real theta step (``REAL_STEPS``).
+
+    ``real_step``:
+    - "fresh_forward" (Meta-Weight-Net's code): a second forward of the batch, weights from the updated W_phi;
+    - "reuse_forward": the same weights, the backward taken through the virtual step's forward graph (the
+      same dropout masks): one forward fewer, at the memory of keeping that graph through the meta step;
+    - "lagged": theta steps along the virtual step's own gradient, i.e. with the weights of W_phi before
+      this update (no second forward or backward; the update reaches theta one iteration later).
+    The meta-gradient is the same for all three. Returns (meta-gradient result, real-step loss (),
+    weights (N,)); non-finite losses are the caller's to check: a non-finite meta loss skips both steps
+    (the loss is then NaN), a non-finite real loss skips the theta step, as in ``weighted_step``.
+    """
+    if real_step not in REAL_STEPS:
+        raise ValueError(f"real_step must be one of {sorted(REAL_STEPS)}, got {real_step!r}")
+    out = meta_update(
+        classifier,
+        weight_net,
+        meta_optimizer,
+        batch,
+        meta_batch,
+        strategy=strategy,
+        inner_lr=optimizer.param_groups[0]["lr"],
+        weight_mask=weight_mask,
+        normalize=normalize,
+        keep=REAL_STEPS[real_step],
+        unrolled=unrolled,
+    )
+    if not bool(torch.isfinite(out.meta_loss)):
+        return out, torch.tensor(float("nan")), torch.ones_like(out.weights)
+    if real_step == "fresh_forward":
+        loss, weights = weighted_step(
+            classifier, weight_net, optimizer, batch, weight_mask=weight_mask, normalize=normalize
+        )
+        return out, loss, weights
+    named = dict(classifier.named_parameters())
+    if real_step == "reuse_forward":
+        forward, targets = out.training_forward, batch[1]
+        weights = _current_weights(weight_net, forward.logits, targets, weight_mask, normalize)
+        loss = weighted_cross_entropy(forward.logits, targets, weights)
+        grads = torch.autograd.grad(loss, [forward.leaves[name] for name in named], allow_unused=True)
+        loss = loss.detach()
+    else:  # lagged: the virtual step's loss, weights and gradient
+        weights = out.weights
+        loss = (weights * out.per_sample_loss).mean()
+        grads = [out.training_gradient[name] for name in named]
+    optimizer.zero_grad(set_to_none=True)
+    for parameter, grad in zip(named.values(), grads, strict=True):
+        parameter.grad = grad
+    if bool(torch.isfinite(loss)):
+        optimizer.step()
+    return out, loss, weights
+
+
 # --------------------------------------------------------------------------- the fit
 
 
 class _Batches:
-    """Endless shuffled mini-batches of indices, one permutation per epoch, from its own generator."""
+    """Endless shuffled mini-batches of indices, one permutation per epoch, from its own generator.
+
+    ``peek(k)`` shows the next k batches without consuming them (the T-step look-ahead trains its virtual
+    steps on the batches the classifier is about to see); ``next()`` then returns exactly those.
+    """
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator):
         self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
         self.order, self.position = torch.randperm(n, generator=generator), 0
+        self.ahead: collections.deque[torch.Tensor] = collections.deque()
 
-    def next(self) -> torch.Tensor:
+    def _draw(self) -> torch.Tensor:
         if self.position + self.batch_size > self.n:
             self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
         chosen = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return chosen
+
+    def next(self) -> torch.Tensor:
+        return self.ahead.popleft() if self.ahead else self._draw()
+
+    def peek(self, k: int) -> list[torch.Tensor]:
+        while len(self.ahead) < k:
+            self.ahead.append(self._draw())
+        return list(self.ahead)[:k]
 
 
 def fit_valuation(
@@ -191,8 +318,8 @@ def fit_valuation(
             raise ValueError(f"{name} must share real_train's classes and image shape")
     if len(meta) == 0 or len(real_train) + len(synthetic) == 0:
         raise ValueError("need a non-empty meta set and training set")
-    if config.strategy not in META_GRADIENTS:
-        raise ValueError(f"strategy must be one of {sorted(META_GRADIENTS)}, got {config.strategy!r}")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {config.strategy!r}")
     device = torch.device(device)
     torch.manual_seed(seed)  # the classifier's and weight net's initialisation, dropout
     channels, size, _ = real_train.image_shape
@@ -231,22 +358,34 @@ def fit_valuation(
             classifier, weight_net, real_train.class_names, real_train.image_shape, classifier_name, history
         )
 
+    def unrolled() -> Unrolled:
+        """The T-step look-ahead's later batches: the next T - 1 the classifier will train on."""
+        if config.strategy != "unrolled_hvp":
+            return Unrolled()
+        later = []
+        for ahead in batches.peek(config.lookahead_steps - 1):
+            ahead = ahead.to(device)
+            later.append(((images[ahead], labels[ahead]), is_synthetic[ahead] if config.fix_real_weights else None))
+        return Unrolled(tuple(later), config.lookahead_hvp, config.lookahead_tangent)
+
     for step in tqdm(range(config.steps), desc=f"TODV ({config.strategy})", disable=not progress):
         index = batches.next().to(device)
         batch, synthetic_rows = (images[index], labels[index]), is_synthetic[index]
         mask = synthetic_rows if config.fix_real_weights else None
         if reweight and step % config.meta_every == 0:
             meta_index = meta_batches.next().to(device)
-            out = meta_update(
+            out, loss, weights = meta_iteration(
                 classifier,
                 weight_net,
+                optimizer,
                 meta_optimizer,
                 batch,
                 (meta_images[meta_index], meta_labels[meta_index]),
                 strategy=config.strategy,
-                inner_lr=optimizer.param_groups[0]["lr"],
                 weight_mask=mask,
                 normalize=config.normalize_weights,
+                real_step=config.real_step,
+                unrolled=unrolled(),
             )
             meta_loss = float(out.meta_loss)
             if not math.isfinite(meta_loss):
@@ -255,14 +394,15 @@ def fit_valuation(
                 )
             history.meta_step.append(step)
             history.meta_loss.append(meta_loss)
-        loss, weights = weighted_step(
-            classifier,
-            weight_net if reweight else None,
-            optimizer,
-            batch,
-            weight_mask=mask,
-            normalize=config.normalize_weights,
-        )
+        else:
+            loss, weights = weighted_step(
+                classifier,
+                weight_net if reweight else None,
+                optimizer,
+                batch,
+                weight_mask=mask,
+                normalize=config.normalize_weights,
+            )
         loss = float(loss)
         if not math.isfinite(loss):
             raise NonFiniteLossError(
