@@ -8,7 +8,7 @@ Per generated instance i (class y_i, seed s_i, initial noise eps_i):
        J_i(p) = W_phi(l(f(g(p, eps_i)), y_i)) - drift_weight * drift_i(p)
 
    through the differentiable sampler (``sample_differentiable``: early denoiser
-   calls without grad, the last ``grad_steps`` kept and checkpointed). ``drift``:
+   calls without grad, the last ``grad_steps`` kept; see "Cost" below). ``drift``:
    "l2" = mean squared distance of p to p_y (the tether), "class_consistency" =
    the classifier's cross-entropy of the image against y_i. With a local CLIP model
    (``ClipAlignment``, ``clip_weight > 0``) the paper's CLIP class-text penalty is added.
@@ -17,7 +17,8 @@ Per generated instance i (class y_i, seed s_i, initial noise eps_i):
    project's extension: the noise is put on the Gaussian shell ||eps|| = sqrt(C H W),
    then Adam steps on it maximise the utility, each projected back onto the
    shell), or "none".
-3. Generate g(p*, eps') with the generator given (the MLCO-tuned one, if any).
+3. Generate g(p*, eps') with the generator given (the MLCO-tuned one, if any); with
+   "none" and ``reuse_renders``, the prompt ascent's render of g(p*, eps) is that image.
 
 All N instances of a batch step together with one ``utilgen.ops.latent_update``
 call per step. Each instance stops on its own when its objective has not
@@ -30,6 +31,21 @@ start on the differentiable proxy.
 Early stopping watches the objective J, not the bare utility: J is what the
 steps climb; a utility that rises only by drifting far from the class is
 exactly what the drift term is there to refuse.
+
+Cost. An evaluation renders its instances from scratch (every denoiser call depends on
+the prompt), so the work saved is only what is exactly the same or not needed
+(``ILPOConfig.checkpoint`` and ``reuse_renders``):
+- checkpointing the kept calls recomputes their forward in the backward; it only saves
+  memory, so "auto" turns it on only when the saved activations would pass 2 GiB;
+- the first DDIM step's null-prompt output depends on the noise only: it is computed once
+  per batch and every evaluation of the prompt ascent runs only the conditional half there;
+- the first kept call of the prompt ascent sees latents without gradient, so its null half
+  is a constant: it runs outside the graph and the backward skips it;
+- with noise strategy "none" the final image of an instance is the ascent's render at its
+  returned prompt (same prompt, noise and sampler) instead of being sampled again.
+The last three change batch compositions, so the images equal ``Generator.sample``'s up to
+rounding, which Adam's per-entry scaling grows to ~1e-3 in the prompts where a gradient entry
+is near zero; ``reuse_renders=False`` is the reference path, bit for bit ``Generator.sample``.
 """
 
 from __future__ import annotations
@@ -54,6 +70,8 @@ from utilgen.valuation import Valuation
 log = logging.getLogger(__name__)
 
 STAGE = "ilpo"
+# checkpoint="auto": checkpoint the kept calls when their saved activations would pass this many bytes.
+CHECKPOINT_ABOVE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -99,10 +117,17 @@ def _to_valuation_shape(images: Tensor, valuation: Valuation) -> Tensor:
 
 
 def _render(
-    generator: Generator, prompts: Tensor, noise: Tensor, config: ILPOConfig, sampler: GeneratorConfig, part: str
+    generator: Generator,
+    prompts: Tensor,
+    noise: Tensor,
+    sampler: GeneratorConfig,
+    *,
+    grad_steps: int,
+    checkpoint: bool,
+    first_null_output: Tensor | None,
+    split_guidance: bool,
 ) -> Tensor:
-    """images (N, C, H, W) with a graph to ``part`` ("prompt" or "noise")."""
-    grad_steps = config.grad_steps if part == "prompt" else (config.noise_grad_steps or sampler.steps)
+    """images (N, C, H, W) with a graph through the last ``grad_steps`` denoiser calls."""
     return sample_differentiable(
         generator,
         prompts,
@@ -110,8 +135,43 @@ def _render(
         steps=sampler.steps,
         guidance_scale=sampler.guidance_scale,
         grad_steps=grad_steps,
-        checkpoint=True,
+        checkpoint=checkpoint,
+        first_null_output=first_null_output,
+        split_guidance=split_guidance,
     )
+
+
+def saved_bytes_per_instance(generator: Generator, guidance_scale: float) -> int:
+    """Bytes autograd keeps for one instance of one guided denoiser call with a graph (weights excluded).
+
+    Measured: the storages the saved tensors hold (each once, however many views save it) for a call on
+    2 instances minus those for 1 (what the weights and other batch-independent tensors hold cancels).
+    """
+    held: list[dict[int, int]] = []  # per measurement: storage address -> bytes
+
+    def count(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        held[-1][storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    t = generator.timesteps(1)[0]
+    for n in (1, 2):
+        held.append({})
+        latents = torch.zeros(n, *generator.latent_shape, device=generator.device, dtype=generator.dtype)
+        prompts = generator.class_prompt_embeds([0] * n).requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            output = generator.predict_noise(latents.requires_grad_(True), t, prompts, guidance_scale)
+        del output  # the graph (and what it saved) goes before the next measurement reuses addresses
+    return max(sum(held[1].values()) - sum(held[0].values()), 0)
+
+
+def _checkpoints(generator: Generator, config: ILPOConfig, guidance_scale: float, kept_calls: int, n: int) -> bool:
+    """Whether the ascent's kept calls run under torch.utils.checkpoint (``config.checkpoint``)."""
+    if config.checkpoint != "auto":
+        return config.checkpoint == "always"
+    if kept_calls == 0:
+        return False
+    return kept_calls * n * saved_bytes_per_instance(generator, guidance_scale) > CHECKPOINT_ABOVE_BYTES
 
 
 def _drift(valuation: Valuation, images: Tensor, labels: Tensor, prompts: Tensor, anchor: Tensor, kind: str) -> Tensor:
@@ -142,12 +202,14 @@ def _ascend(
     anchor: Tensor | None = None,
     ascend_below: float | None = None,
     clip: ClipAlignment | None = None,
+    keep_images: bool = False,
     desc: str = "",
     progress: bool = True,
-) -> tuple[Tensor, AscentHistory]:
+) -> tuple[Tensor, AscentHistory, Tensor | None]:
     """Maximise J over ``part`` ("prompt": (N, L, D), drift included; "noise": (N, C, H, W), shell-projected).
 
-    Returns the best parameters per instance (same shape as ``part``) and the history.
+    Returns the best parameters per instance (same shape as ``part``), the history and, with
+    ``keep_images``, the images (N, C, H, W) rendered at those parameters (else None).
     """
     start = time.perf_counter()
     n = labels.shape[0]
@@ -177,6 +239,13 @@ def _ascend(
         )
     else:
         settings = LatentUpdateSettings(noise_lr=lr, maximize=True, project_noise=True)
+    grad_steps = config.grad_steps if part == "prompt" else (config.noise_grad_steps or sampler.steps)
+    checkpoint = _checkpoints(generator, config, sampler.guidance_scale, grad_steps if steps else 0, n)
+    first_null = None
+    if config.reuse_renders and part == "prompt" and sampler.guidance_scale != 1.0:
+        with torch.no_grad():  # (N, C, H, W): every evaluation starts from the same noise
+            first_null = generator.predict_null_output(fixed, generator.timesteps(sampler.steps)[0])
+    images_at_best = None
     objectives, changes = [], []
     utility_before = None
     bar = tqdm(total=steps, desc=desc or f"ILPO {part}", disable=not progress, leave=False)
@@ -188,7 +257,16 @@ def _ascend(
             typed = x.to(generator.dtype)
             prompt_in = typed if part == "prompt" else fixed[index]
             noise_in = typed if part == "noise" else fixed[index]
-            images = _render(generator, prompt_in, noise_in, config, sampler, part)  # (A, C, H, W)
+            images = _render(
+                generator,
+                prompt_in,
+                noise_in,
+                sampler,
+                grad_steps=grad_steps,
+                checkpoint=checkpoint,
+                first_null_output=first_null[index] if first_null is not None else None,
+                split_guidance=config.reuse_renders,
+            )  # (A, C, H, W)
             utility = valuation.utility(_to_valuation_shape(images.float(), valuation), labels[index])
             utility = utility.to(device)  # (A,)
             objective = utility
@@ -208,6 +286,11 @@ def _ascend(
         best[won] = x.detach()[improved]
         best_objective[won] = objective.detach()[improved]
         utility_at_best[won] = utility.detach()[improved]
+        if keep_images:
+            if images_at_best is None:  # evaluation 0 renders every instance at its start: its best until it improves
+                images_at_best = images.detach().clone()  # (N, C, H, W)
+            else:
+                images_at_best[won] = images.detach()[improved]
         stall[index] = torch.where(improved, 0, stall[index] + 1)
         stopping = index[stall[index] >= config.patience]
         if evaluation == 0 and part == "prompt" and ascend_below is not None:
@@ -236,7 +319,7 @@ def _ascend(
         stopped_at=stopped_at,
         seconds=time.perf_counter() - start,
     )
-    return best, history
+    return best, history, images_at_best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +347,42 @@ def optimise_prompts(
     ``ascend_below`` (repair mode): only instances whose starting utility is below it ascend;
     None = every instance ascends (the paper's form).
     """
+    prompts, history, _ = _optimise_prompts(
+        generator,
+        valuation,
+        labels,
+        noise,
+        config,
+        clip,
+        sampler=sampler,
+        ascend_below=ascend_below,
+        keep_images=False,
+        progress=progress,
+    )
+    return prompts, history
+
+
+def _optimise_prompts(
+    generator: Generator,
+    valuation: Valuation,
+    labels: Tensor,
+    noise: Tensor,
+    config: ILPOConfig,
+    clip: ClipAlignment | None,
+    *,
+    sampler: GeneratorConfig,
+    ascend_below: float | None,
+    keep_images: bool,
+    progress: bool,
+) -> tuple[Tensor, AscentHistory, Tensor | None]:
+    """``optimise_prompts`` and, with ``keep_images``, the images (N, C, H, W) rendered at the returned prompts."""
     config.check_sampler(sampler.steps)
     if config.clip_weight > 0 and clip is None:
         raise ValueError("config.clip_weight > 0 needs a ClipAlignment (clip=ClipAlignment.from_directory(...))")
     labels = torch.as_tensor(labels, dtype=torch.long)
     anchor = generator.class_prompt_embeds(labels)  # (N, L, D)
     noise = noise.to(device=generator.device, dtype=generator.dtype)
-    best, history = _ascend(
+    best, history, images = _ascend(
         generator,
         valuation,
         labels,
@@ -284,10 +396,11 @@ def optimise_prompts(
         anchor=anchor,
         ascend_below=ascend_below,
         clip=clip,
+        keep_images=keep_images,
         desc="ILPO prompts",
         progress=progress,
     )
-    return best.to(generator.dtype), history
+    return best.to(generator.dtype), history, images
 
 
 def refine_noise(
@@ -322,7 +435,7 @@ def refine_noise(
     if valuation is None:
         raise ValueError('noise_strategy="gradient" climbs the utility: it needs a valuation')
     labels = torch.as_tensor(labels, dtype=torch.long)
-    best, history = _ascend(
+    best, history, _ = _ascend(
         generator,
         valuation,
         labels,
@@ -369,10 +482,12 @@ def optimise_instances(
     images, prompts, noises = [], [], []
     starts = range(0, labels.shape[0], config.batch_size)
     config.check_sampler(sampler.steps)
+    # Noise strategy "none" keeps the noise: the final image is the ascent's render at the returned prompt.
+    reuse_images = config.reuse_renders and config.noise_strategy == "none"
     for start in tqdm(starts, desc="ILPO", unit="batch", disable=not progress):
         batch_labels = labels[start : start + config.batch_size]
         noise = generator.initial_noise(seeds[start : start + config.batch_size].tolist())
-        batch_prompts, prompt_history = optimise_prompts(
+        batch_prompts, prompt_history, rendered = _optimise_prompts(
             generator,
             valuation,
             batch_labels,
@@ -381,6 +496,7 @@ def optimise_instances(
             clip,
             sampler=sampler,
             ascend_below=ascend_below,
+            keep_images=reuse_images,
             progress=progress,
         )
         batch_noise, noise_history = refine_noise(
@@ -389,15 +505,18 @@ def optimise_instances(
         history.prompt.append(prompt_history)
         if noise_history is not None:
             history.noise.append(noise_history)
-        images.append(
-            generator.sample(
-                batch_prompts,
-                batch_noise,
-                guidance_scale=sampler.guidance_scale,
-                steps=sampler.steps,
-                batch_size=config.batch_size,
+        if reuse_images:
+            images.append(rendered.float().cpu())  # (B, C, H, W), as generator.sample returns them
+        else:
+            images.append(
+                generator.sample(
+                    batch_prompts,
+                    batch_noise,
+                    guidance_scale=sampler.guidance_scale,
+                    steps=sampler.steps,
+                    batch_size=config.batch_size,
+                )
             )
-        )
         prompts.append(batch_prompts.detach().float().cpu())
         noises.append(batch_noise.detach().float().cpu())
     if not images:

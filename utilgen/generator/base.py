@@ -135,7 +135,12 @@ class Generator(ABC):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
 
     def predict_noise(
-        self, latents: torch.Tensor, t: int | torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float = 1.0
+        self,
+        latents: torch.Tensor,
+        t: int | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float = 1.0,
+        null_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided epsilon (N, C, H, W) at timestep ``t`` for latents (N, C, H, W) and prompts (N, L, D).
 
@@ -143,13 +148,17 @@ class Generator(ABC):
         eps = eps_null + guidance_scale * (eps_cond - eps_null); at guidance 1 the
         null branch is skipped. Differentiable in latents, prompts and the denoiser.
         Both branches run as one batch of 2N: one UNet call instead of two.
+        ``null_output``: the null branch's output (``predict_null_output(latents, t)``) when the caller already has it;
+        only the conditional branch then runs, as a batch of N (equal to the 2N batch up to rounding).
         """
         n = latents.shape[0]
         if prompt_embeds.shape[0] != n:
             raise ValueError(f"{n} latents but {prompt_embeds.shape[0]} prompt embeddings")
         timestep = torch.as_tensor(t, device=latents.device, dtype=torch.long).expand(n).contiguous()  # (N,)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0 or null_output is not None:
             output = self.denoiser(latents, timestep, encoder_hidden_states=prompt_embeds).sample
+            if guidance_scale != 1.0:
+                output = null_output + guidance_scale * (output - null_output)
             return self._eps_from_output(output, latents, timestep)
         null = self.null_prompt_embeds(n).to(prompt_embeds.dtype)
         both = self.denoiser(
@@ -161,13 +170,28 @@ class Generator(ABC):
         output = output_null + guidance_scale * (output_cond - output_null)
         return self._eps_from_output(output, latents, timestep)
 
+    def predict_null_output(self, latents: torch.Tensor, t: int) -> torch.Tensor:
+        """The denoiser's raw output (N, C, H, W) for the null prompt at latents (N, C, H, W) and timestep ``t``:
+        the null branch of ``predict_noise``, before guidance and the v -> epsilon conversion."""
+        n = latents.shape[0]
+        timestep = torch.full((n,), int(t), device=latents.device, dtype=torch.long)  # (N,)
+        null = self.null_prompt_embeds(n).to(latents.dtype)
+        return self.denoiser(latents, timestep, encoder_hidden_states=null).sample
+
     def predict_noise_checkpointed(
-        self, latents: torch.Tensor, t: int, prompt_embeds: torch.Tensor, guidance_scale: float
+        self,
+        latents: torch.Tensor,
+        t: int,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        null_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``predict_noise`` whose activations are recomputed in the backward instead of stored (when grad is on)."""
         if torch.is_grad_enabled():
-            return _checkpoint(self.predict_noise, latents, t, prompt_embeds, guidance_scale, use_reentrant=False)
-        return self.predict_noise(latents, t, prompt_embeds, guidance_scale)
+            return _checkpoint(
+                self.predict_noise, latents, t, prompt_embeds, guidance_scale, null_output, use_reentrant=False
+            )
+        return self.predict_noise(latents, t, prompt_embeds, guidance_scale, null_output)
 
     def predict_x0(self, latents: torch.Tensor, eps: torch.Tensor, t: int, clip_sample: bool) -> torch.Tensor:
         """The clean image the DDIM step assumes: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), (N, C, H, W).
@@ -206,6 +230,8 @@ class Generator(ABC):
         guidance_scale: float,
         grad_steps: int = 0,
         checkpoint: bool = False,
+        first_null_output: torch.Tensor | None = None,
+        split_guidance: bool = False,
     ) -> torch.Tensor:
         """The one DDIM loop (both samplers run it): noise (N, C, H, W) under prompts (N, L, D) -> latents.
 
@@ -214,6 +240,12 @@ class Generator(ABC):
         ``checkpoint``; the earlier calls run under no_grad on detached inputs, so their epsilon is a
         constant and gradient reaches the noise only through the DDIM update's direct path.
         ``grad_steps = 0`` (the no-grad sampler) differentiates no denoiser call.
+
+        Two savings for callers that render the same noise many times (ILPO), each equal to the plain loop up
+        to rounding (a batch of N instead of 2N): ``first_null_output`` (N, C, H, W), ``predict_null_output(noise,
+        timesteps[0])``, stands in for the first call's null branch, which depends on the noise only; with
+        ``split_guidance`` a kept call whose latents carry no gradient (the first kept one, for a prompt
+        gradient) runs its null branch under no_grad, a constant, so that the backward skips it.
         """
         if not 0 <= grad_steps <= steps:
             raise ValueError(f"grad_steps must lie in [0, steps={steps}], got {grad_steps}")
@@ -222,11 +254,16 @@ class Generator(ABC):
         latents = noise
         for i, t in enumerate(timesteps):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            null = first_null_output if i == 0 else None
             if i >= steps - grad_steps:
-                eps = predict(latents, t, prompt_embeds, guidance_scale)
+                split = split_guidance and guidance_scale != 1.0 and torch.is_grad_enabled()
+                if null is None and split and not latents.requires_grad:
+                    with torch.no_grad():
+                        null = self.predict_null_output(latents, t)
+                eps = predict(latents, t, prompt_embeds, guidance_scale, null)
             else:
                 with torch.no_grad():
-                    eps = self.predict_noise(latents.detach(), t, prompt_embeds.detach(), guidance_scale)
+                    eps = self.predict_noise(latents.detach(), t, prompt_embeds.detach(), guidance_scale, null)
             latents = self.ddim_update(latents, eps, t, t_next, clip_sample=self.clips_samples)
         return latents
 

@@ -7,10 +7,13 @@ the same images) keeping a graph, and memory is what limits it:
   ``grad_steps`` calls, and the noise gets gradient through the DDIM update's
   direct x_t -> x_{t-1} path of those early steps (elementwise: no stored UNet
   activations) plus through the last calls in full;
-- each kept call is wrapped in ``torch.utils.checkpoint``, so its activations are
-  recomputed in the backward instead of stored.
+- with ``checkpoint``, each kept call is wrapped in ``torch.utils.checkpoint``, so its
+  activations are recomputed in the backward instead of stored: the same gradient for
+  one more forward of each kept call (ILPO turns it on for large denoisers only).
 With ``grad_steps = steps`` the gradient is exact (tests compare against finite
 differences). With ``grad_steps = 0`` no denoiser call is differentiated.
+``first_null_output`` and ``split_guidance`` (``Generator.ddim_latents``) save work for
+a caller that renders the same noise again and again, at the cost of rounding.
 """
 
 from __future__ import annotations
@@ -29,10 +32,19 @@ def sample_differentiable_latents(
     guidance_scale: float,
     grad_steps: int = 1,
     checkpoint: bool = True,
+    first_null_output: torch.Tensor | None = None,
+    split_guidance: bool = False,
 ) -> torch.Tensor:
     """latents (N, C, H, W) from prompts (N, L, D) and noise (N, C, H, W); see the module docstring."""
     return generator.ddim_latents(
-        prompt_embeds, noise, steps=steps, guidance_scale=guidance_scale, grad_steps=grad_steps, checkpoint=checkpoint
+        prompt_embeds,
+        noise,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        grad_steps=grad_steps,
+        checkpoint=checkpoint,
+        first_null_output=first_null_output,
+        split_guidance=split_guidance,
     )
 
 
@@ -45,6 +57,8 @@ def sample_differentiable(
     guidance_scale: float = 2.0,
     grad_steps: int = 1,
     checkpoint: bool = True,
+    first_null_output: torch.Tensor | None = None,
+    split_guidance: bool = False,
 ) -> torch.Tensor:
     """images (N, C, H, W) in [0, 1] with a graph to ``prompt_embeds`` and ``noise`` (see module docstring)."""
     latents = sample_differentiable_latents(
@@ -55,6 +69,8 @@ def sample_differentiable(
         guidance_scale=guidance_scale,
         grad_steps=grad_steps,
         checkpoint=checkpoint,
+        first_null_output=first_null_output,
+        split_guidance=split_guidance,
     )
     return generator.decode(latents)
 
