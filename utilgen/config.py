@@ -202,6 +202,9 @@ class ValuationConfig:
     features: tuple[str, ...] = ("loss",)
     fix_real_weights: bool = False  # real samples keep weight 1; only synthetic ones are reweighted
     normalize_weights: bool = True  # batch mean 1, as Meta-Weight-Net's code (docs/method.md, "TODV")
+    # The inversion guard: refit from another seed, at most this many times, while the fit ranks the meta set's
+    # wrong labels above the true ones (mislabel AUROC < 0.5); the best fit is kept. 0 = off.
+    restarts: int = 2
 
     def __post_init__(self) -> None:
         _one_of("valuation", "utility", self.utility, UTILITIES)
@@ -209,6 +212,7 @@ class ValuationConfig:
         _one_of("valuation", "lookahead_hvp", self.lookahead_hvp, LOOKAHEAD_HVPS)
         _one_of("valuation", "lookahead_tangent", self.lookahead_tangent, ("forward", "finite_difference"))
         _at_least(self, "valuation", ("lookahead_steps",), 1)
+        _at_least(self, "valuation", ("restarts",), 0)
         _require(
             self.strategy == "unrolled_hvp" or self.lookahead_steps == 1,
             f"valuation.lookahead_steps={self.lookahead_steps} needs valuation.strategy=unrolled_hvp "

@@ -86,6 +86,7 @@ def save_valuation(valuation: Valuation, pool: SyntheticPool, out: Path) -> None
             "meta_loss": history.meta_loss if history else [],
             "mean_weight_real": history.mean_weight_real if history else [],
             "mean_weight_synthetic": history.mean_weight_synthetic if history else [],
+            "attempts": history.attempts if history else [],  # the inversion guard's fits (seed, mislabel AUROC)
             "pool_utilities": valuation.score(pool.images, pool.labels).tolist(),
         },
     )

@@ -21,6 +21,7 @@ reweighting (all weights 1): the baseline the evidence compares against.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from utilgen.data import LabelledImages
 from utilgen.models import LossUtility, WeightNet, build_classifier, per_sample_features
 from utilgen.ops import weighted_cross_entropy
 from utilgen.valuation.multistep import MultiStepLookahead, unrolled_hvp_meta_gradient
+from utilgen.valuation.probe import mislabel_auroc
 from utilgen.valuation.strategies import META_GRADIENTS, Lookahead, MetaGradient, effective_weights, meta_gradient
 from utilgen.valuation.valuation import Valuation
 
@@ -65,6 +67,8 @@ class FitHistory:
     mean_weight_synthetic: list[float] = field(default_factory=list)
     meta_step: list[int] = field(default_factory=list)
     meta_loss: list[float] = field(default_factory=list)
+    # one entry per fit of ``fit_valuation``'s inversion guard: {"seed", "mislabel_auroc"}; the kept one is marked
+    attempts: list[dict] = field(default_factory=list)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -310,9 +314,59 @@ def fit_valuation(
     given module is trained in place (and the result cannot be saved unless it
     is that architecture). ``seed`` draws the initialisations and batches. Raises ``NonFiniteLossError`` carrying the
     valuation and history up to the failing step.
+
+    The inversion guard (``config.restarts``): a loss-only W_phi can learn either direction, and from some
+    initialisations it learns a w(loss) that rises with the loss, valuing wrong labels above right ones. So
+    while the fit ranks the meta set's true labels below wrong ones (``mislabel_auroc`` < 0.5), it is refitted
+    from another seed, at most ``config.restarts`` times, and the fit with the highest mislabel AUROC is kept
+    (``history.attempts`` lists every fit). Only with ``classifier=None``: a given module cannot start again.
     """
     if hasattr(synthetic, "to_labelled"):
         synthetic = synthetic.to_labelled()
+    restarts = config.restarts if classifier is None else 0
+    attempts = []
+    best = None
+    for attempt in range(restarts + 1):
+        attempt_seed = seed if attempt == 0 else restart_seed(seed, attempt)
+        valuation = _fit_once(
+            real_train, synthetic, meta, config, classifier, seed=attempt_seed, device=device, progress=progress
+        )
+        score = mislabel_auroc(valuation, meta.images, meta.labels)
+        attempts.append({"seed": attempt_seed, "mislabel_auroc": score, "kept": False})
+        if best is None or (score is not None and (best[1] is None or score > best[1])):
+            best = (valuation, score, attempt)
+        if score is None or score >= 0.5:
+            break
+        log.warning(
+            "TODV: the fit from seed %d ranks the meta set's wrong labels above the true ones (mislabel AUROC "
+            "%.3f < 0.5)%s",
+            attempt_seed,
+            score,
+            "; refitting from another seed" if attempt < restarts else "; no restarts left, keeping the best fit",
+        )
+    valuation, _, kept = best
+    attempts[kept]["kept"] = True
+    valuation.history.attempts = attempts
+    return valuation
+
+
+def restart_seed(seed: int, attempt: int) -> int:
+    """The inversion guard's seed for restart ``attempt`` (>= 1) of a fit from ``seed``: its own stream."""
+    return int.from_bytes(hashlib.sha256(f"todv-restart:{seed}:{attempt}".encode()).digest()[:7], "little")
+
+
+def _fit_once(
+    real_train: LabelledImages,
+    synthetic: LabelledImages,
+    meta: LabelledImages,
+    config: ValuationConfig = ValuationConfig(),
+    classifier: nn.Module | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Valuation:
+    """One TODV fit from ``seed`` (``fit_valuation`` without the inversion guard)."""
     for name, part in (("synthetic", synthetic), ("meta", meta)):
         if part.class_names != real_train.class_names or part.image_shape != real_train.image_shape:
             raise ValueError(f"{name} must share real_train's classes and image shape")
