@@ -382,3 +382,41 @@ def test_a_correct_fit_is_not_refitted(fitted):
     assert len(valuation.history.attempts) == 1
     assert valuation.history.attempts[0]["kept"]
     assert valuation.history.attempts[0]["mislabel_auroc"] >= 0.5
+
+
+def test_a_restart_that_diverges_keeps_the_earlier_fit(monkeypatch):
+    from utilgen.valuation import trainer
+
+    splits, noisy, _ = noisy_task(pool_size=100)
+    scores = iter([0.2, 0.6])
+
+    def fit_once(*args, seed, **kwargs):
+        if seed != 3 and not hasattr(fit_once, "failed"):
+            fit_once.failed = True
+            raise NonFiniteLossError("TODV: meta loss is nan", step=5, valuation=None, history=FitHistory())
+        return _StubValuation(seed)
+
+    monkeypatch.setattr(trainer, "mislabel_auroc", lambda *args: next(scores))
+    monkeypatch.setattr(trainer, "_fit_once", fit_once)
+    valuation = fit_valuation(splits.train, noisy, splits.meta, ValuationConfig(restarts=2), seed=3, progress=False)
+    attempts = valuation.history.attempts
+    assert [a["mislabel_auroc"] for a in attempts] == [0.2, None, 0.6]
+    assert "nan" in attempts[1]["error"]
+    assert [a["kept"] for a in attempts] == [False, False, True]
+
+
+def test_a_batch_norm_classifier_takes_the_fresh_forward_so_its_statistics_move():
+    splits, noisy, _ = noisy_task(pool_size=100)
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )
+    config = ValuationConfig(steps=3, batch_size=32, meta_batch_size=20, real_step="lagged", restarts=0)
+    fit_valuation(splits.train, noisy, splits.meta, config, classifier, progress=False)
+    assert int(classifier[1].num_batches_tracked) == 3
+    assert float(classifier[1].running_mean.abs().sum()) > 0

@@ -65,7 +65,7 @@ is wrong on ReLU classifiers. Gauss-Newton with the finite-difference tangent is
 (within 1.3x a step at every T); its error is mostly scale: at T = 3 over 3 seeds its norm is 1.1-2.2x
 the exact one's, the cosine 0.991-0.999 and 98-100% of the coordinates keep their sign (dropping the
 curvature altogether, v_t = v_{t+1}, gives errors of 0.9-6.6 and flips signs). The exact HVPs cost
-time: ~1.6x the exact unroll at T = 3 and 5 on CPU.
+time: 0.84x the exact unroll at T = 3 and 1.75x at T = 5 on CPU (benchmarks/results/cpu-2threads-lookahead.json).
 
 ``model_fn(params, inputs) -> logits (N, K)`` is functional; ``params`` and the classifier are never
 modified (only the copies theta_t, t >= 1, are shifted in place and restored by the finite difference).
@@ -238,10 +238,7 @@ def _unroll_first_order(problem: MultiStepLookahead, backend: str | None) -> tup
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         steps.append(_Step(theta, rng, logits.detach(), per_sample_loss.detach(), weights))
         if first_gradient is None:
-            first_gradient = {
-                name: torch.zeros_like(p) if g is None else g.detach()
-                for (name, p), g in zip(theta.items(), grads, strict=True)
-            }
+            first_gradient = {name: None if g is None else g.detach() for name, g in zip(theta, grads, strict=True)}
         del leaves, logits, loss
         with torch.no_grad():
             theta = {

@@ -105,8 +105,9 @@ class MetaGradient(NamedTuple):
     per_sample_loss: torch.Tensor  # (N,) l_i(theta), detached
     weights: torch.Tensor  # (N,) effective w_i of the virtual step (normalised if asked), detached
     training_forward: TrainingForward | None = None  # only with Lookahead.keep == "forward"
-    # name -> grad_theta (1/N) sum_i w_i l_i(theta), the virtual step's gradient; only with keep == "gradient"
-    training_gradient: dict[str, torch.Tensor] | None = None
+    # name -> grad_theta (1/N) sum_i w_i l_i(theta), the virtual step's gradient (None where the loss does not
+    # reach the parameter); only with keep == "gradient"
+    training_gradient: dict[str, torch.Tensor | None] | None = None
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -193,10 +194,8 @@ def _kept(problem: Lookahead, leaves: dict, logits: torch.Tensor, grads) -> tupl
     if problem.keep == "forward":
         return TrainingForward(leaves, logits), None
     if problem.keep == "gradient":
-        return None, {
-            name: torch.zeros_like(leaf) if g is None else g.detach()
-            for (name, leaf), g in zip(leaves.items(), grads, strict=True)
-        }
+        # None where the loss does not reach a parameter: the optimizer then leaves it alone, as after backward()
+        return None, {name: None if g is None else g.detach() for name, g in zip(leaves, grads, strict=True)}
     return None, None
 
 

@@ -2,9 +2,15 @@
 
 Per step on a batch of D_merge = D_r + D_g:
 
-    every ``meta_every`` steps:   phi <- Adam(phi, dL_v(theta')/dphi)       (strategy: exact | directional | FD)
+    every ``meta_every`` steps:   phi <- Adam(phi, dL_v(theta')/dphi)       (``STRATEGIES``; default finite_difference)
     always:                       w = W_phi(features) under no_grad
                                   theta <- SGD(theta, grad (1/N) sum_i w_i l_i)
+
+After a phi step, ``real_step`` says which w the theta step uses and how its gradient is had
+(``meta_iteration``): the updated W_phi's with a fresh forward, the same through the virtual step's
+kept graph, or (default, "lagged") the virtual step's own gradient, with the W_phi from before the update.
+BatchNorm classifiers always take the fresh forward: the look-ahead runs on cloned buffers, so only a
+real forward updates their running statistics.
 
 The weighted loss is ``utilgen.ops.weighted_cross_entropy``. By default the
 weights are normalised to a batch mean of 1 before they enter it
@@ -67,7 +73,8 @@ class FitHistory:
     mean_weight_synthetic: list[float] = field(default_factory=list)
     meta_step: list[int] = field(default_factory=list)
     meta_loss: list[float] = field(default_factory=list)
-    # one entry per fit of ``fit_valuation``'s inversion guard: {"seed", "mislabel_auroc"}; the kept one is marked
+    # one entry per fit of ``fit_valuation``'s inversion guard: {"seed", "mislabel_auroc", "kept"} (and "error"
+    # for a restart that stopped on a non-finite loss)
     attempts: list[dict] = field(default_factory=list)
 
 
@@ -259,7 +266,7 @@ def meta_iteration(
         grads = [out.training_gradient[name] for name in named]
     optimizer.zero_grad(set_to_none=True)
     for parameter, grad in zip(named.values(), grads, strict=True):
-        parameter.grad = grad
+        parameter.grad = grad if parameter.requires_grad else None  # a frozen parameter stays frozen
     if bool(torch.isfinite(loss)):
         optimizer.step()
     return out, loss, weights
@@ -328,9 +335,19 @@ def fit_valuation(
     best = None
     for attempt in range(restarts + 1):
         attempt_seed = seed if attempt == 0 else restart_seed(seed, attempt)
-        valuation = _fit_once(
-            real_train, synthetic, meta, config, classifier, seed=attempt_seed, device=device, progress=progress
-        )
+        try:
+            valuation = _fit_once(
+                real_train, synthetic, meta, config, classifier, seed=attempt_seed, device=device, progress=progress
+            )
+        except NonFiniteLossError as error:
+            if best is None:
+                raise
+            # a restart that diverged does not cost the fit already made
+            attempts.append({"seed": attempt_seed, "mislabel_auroc": None, "kept": False, "error": str(error)})
+            log.warning(
+                "TODV: the restart from seed %d stopped (%s); keeping the best earlier fit", attempt_seed, error
+            )
+            continue
         score = mislabel_auroc(valuation, meta.images, meta.labels)
         attempts.append({"seed": attempt_seed, "mislabel_auroc": score, "kept": False})
         if best is None or (score is not None and (best[1] is None or score > best[1])):
@@ -355,18 +372,8 @@ def restart_seed(seed: int, attempt: int) -> int:
     return int.from_bytes(hashlib.sha256(f"todv-restart:{seed}:{attempt}".encode()).digest()[:7], "little")
 
 
-def _fit_once(
-    real_train: LabelledImages,
-    synthetic: LabelledImages,
-    meta: LabelledImages,
-    config: ValuationConfig = ValuationConfig(),
-    classifier: nn.Module | None = None,
-    *,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> Valuation:
-    """One TODV fit from ``seed`` (``fit_valuation`` without the inversion guard)."""
+def _fit_once(real_train, synthetic, meta, config, classifier, *, seed, device, progress) -> Valuation:
+    """One TODV fit from ``seed``: ``fit_valuation`` without the inversion guard (the same arguments)."""
     for name, part in (("synthetic", synthetic), ("meta", meta)):
         if part.class_names != real_train.class_names or part.image_shape != real_train.image_shape:
             raise ValueError(f"{name} must share real_train's classes and image shape")
@@ -405,6 +412,13 @@ def _fit_once(
     batches = _Batches(len(labels), config.batch_size, generator)
     meta_batches = _Batches(len(meta_labels), config.meta_batch_size, generator)
     reweight = meta_learned and config.meta_every > 0  # the classifier-loss utility trains unweighted
+    real_step = config.real_step
+    if real_step != "fresh_forward" and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in classifier.modules()
+    ):
+        # the look-ahead's forwards run on cloned buffers: only a real forward moves BatchNorm's running statistics
+        log.info("TODV: valuation.real_step=%s -> fresh_forward for a BatchNorm classifier", real_step)
+        real_step = "fresh_forward"
     history = FitHistory()
 
     def result() -> Valuation:
@@ -438,7 +452,7 @@ def _fit_once(
                 strategy=config.strategy,
                 weight_mask=mask,
                 normalize=config.normalize_weights,
-                real_step=config.real_step,
+                real_step=real_step,
                 unrolled=unrolled(),
             )
             meta_loss = float(out.meta_loss)
