@@ -67,7 +67,11 @@ def hvp(
             graph alive), ``forward_over_reverse`` (``torch.func.jvp`` over
             ``torch.func.grad``; no retained graph but dual tensors of every
             activation), or ``finite_difference`` (two gradients, peak memory
-            about one gradient's; see ``default_fd_eps`` for the step).
+            about one gradient's; see ``default_fd_eps`` for the step). The
+            finite difference needs a smooth loss: on ReLU networks the gradient
+            jumps at kinks, and with many units some cross one at any step
+            (relative error 0.2-26 in fp32 on cnn-small, batch 128;
+            utilgen/valuation/multistep.py), so use it on smooth networks only.
         eps: finite-difference step (perturbation eps * v); None for the default.
 
     Returns:
