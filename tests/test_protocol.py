@@ -128,6 +128,24 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "protocol.json").read_text())["rows"] == result["rows"]
 
+    other = subprocess.run([*command, "--set", "mlco.rounds=2"], env=env, capture_output=True, text=True, timeout=900)
+    assert other.returncode == 2  # another method: refused
+    assert "mlco.rounds" in other.stderr
+    manifest = json.loads((tmp_path / "runs/seed-0/manifest.json").read_text())
+    ablation = [part for part in command if part != "--no-ablation"]  # the ablation added to the finished run
+    extended = subprocess.run(ablation, env=env, capture_output=True, text=True, timeout=900)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "extending" in extended.stdout
+    after = json.loads((tmp_path / "runs/seed-0/manifest.json").read_text())
+    for name in ("tokens", "pool0", "plain", "valuation", "ilpo"):  # the method's stages were kept, not redone
+        assert after["stages"][name] == manifest["stages"][name]
+    extended_result = json.loads((tmp_path / "protocol.json").read_text())
+    rows = {row["setting"] for row in extended_result["rows"]}
+    assert {"+mlco synthetic-only", "+prompt synthetic-only", "plain high-guidance synthetic-only"} <= rows
+    reads = json.loads((tmp_path / "runs/seed-0/test-reads.json").read_text())
+    assert reads[0]["reads"] == result["test"]["test_reads"]  # the first evaluation's reads
+    assert extended_result["test"]["test_reads"] == sum(entry["reads"] for entry in reads) > len(rows)
+
 
 def test_a_bad_setting_stops_before_any_run(tmp_path):
     command = [sys.executable, "-m", "utilgen.experiment", "protocol", "--out", str(tmp_path / "p")]

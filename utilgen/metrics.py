@@ -17,6 +17,7 @@ from utilgen.config import Config
 from utilgen.data import Splits
 from utilgen.data.splits import image_digests
 from utilgen.rundir import RunDirectory
+from utilgen.stage_outputs import count_test_reads
 
 
 def collect_metrics(
@@ -40,7 +41,7 @@ def collect_metrics(
             # The test split's identity and how often it was read (one read per classifier scored on it):
             # a result is comparable with another only on the same split, and tuning never reads it.
             "test_split_sha256": hashlib.sha256("".join(image_digests(real.test)).encode()).hexdigest(),
-            "test_reads": sum(len(result["accuracies"]) for result in results.values()),
+            "test_reads": count_test_reads(directory, results),
             "synthetic_per_class": cfg.final_per_class(),
             "mlco_rounds": cfg.mlco.rounds,
             "classifier": cfg.evaluation.classifier,

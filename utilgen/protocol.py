@@ -30,6 +30,10 @@ from pathlib import Path
 from utilgen.comparison import ABLATION_SETTINGS, COMPARISONS, CONTROLS, HIGH_GUIDANCE, paired_difference
 
 LOSS_UTILITY = "classifier-loss"
+# Switches that only add stages to a finished run (the baselines' pools, the ablation's pools, and the
+# evaluation of them): a run made without them is extended by resuming it, its other stages kept, so a
+# protocol run with --no-ablation can take the ablation later without redoing the method.
+EXTENSIONS = ("baselines.enabled", "evaluation.ablation")
 LOSS_UTILITY_ROW = "utilgen, classifier-loss utility synthetic-only"
 PLAIN = {"synthetic": "plain synthetic-only", "joint": "plain joint", "real": "plain synthetic-only"}
 # The table's order (metrics.json sorts its keys): real only, the generated pools from the weakest baseline
@@ -108,6 +112,11 @@ def run_protocol(args) -> int:
     return 0
 
 
+def _switched_on(key: str, config: dict) -> bool:
+    section, _, name = key.partition(".")
+    return config[section][name] is True
+
+
 def _seeds(text: str, flag: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -122,7 +131,8 @@ def _run(preset: str, overrides: list[str], directory: Path, *, quiet: bool) -> 
     """One pipeline seed's run: started, or resumed where it stopped (a finished one only re-reads).
 
     A run directory made with other settings is refused (exit 2): its stages would not be redone, so the
-    protocol would mix configurations."""
+    protocol would mix configurations. The one exception is an ``EXTENSIONS`` switch turned on: the run is
+    resumed with it, which adds its stages and re-evaluates."""
     from utilgen.config import build_config
 
     command = [sys.executable, "-m", "utilgen.run"]
@@ -136,7 +146,10 @@ def _run(preset: str, overrides: list[str], directory: Path, *, quiet: bool) -> 
             for key, value in values.items()
             if json.loads(json.dumps(value)) != saved.get(section, {}).get(key)
         )
-        if changed or saved.get("preset") != preset:
+        added = [key for key in changed if key in EXTENSIONS and _switched_on(key, expected)]
+        if added and len(added) == len(changed) and saved.get("preset") == preset:
+            print(f"protocol: extending {directory} with {', '.join(added)}: its finished stages are kept", flush=True)
+        elif changed or saved.get("preset") != preset:
             print(
                 f"utilgen: {directory} was run with other settings ({', '.join(changed) or 'the preset'}); "
                 "a protocol holds one configuration: use a new --out",

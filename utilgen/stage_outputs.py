@@ -27,6 +27,7 @@ from utilgen.stages import StageError
 from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
 
 TOKENS = "tokens.safetensors"
+TEST_READS = "test-reads.json"
 
 
 def save_tokens(directory: RunDirectory, tokens: torch.Tensor, steps: int) -> None:
@@ -173,6 +174,26 @@ def evaluate_or_stop(
         )
     except NonFiniteTrainingError as error:
         raise StageError(f"{error}; the classifiers finished so far are kept in {checkpoint}") from error
+    record_test_reads(directory, results, key)
     atomic_write_json(directory.path / "evaluation.json", results)
     checkpoint.unlink(missing_ok=True)
     return results
+
+
+def record_test_reads(directory: RunDirectory, results: dict, key: str) -> None:
+    """Append this evaluation's reads of the test split (one per classifier scored) to ``TEST_READS``.
+
+    A run that is extended (baselines or ablation added) or re-evaluated overwrites ``evaluation.json``, but
+    the earlier evaluation read the test split too, so the count a result reports is the sum of this log."""
+    path = directory.path / TEST_READS
+    log = json.loads(path.read_text()) if path.exists() else []
+    log.append({"evaluate_key": key, "reads": sum(len(result["accuracies"]) for result in results.values())})
+    atomic_write_json(path, log)
+
+
+def count_test_reads(directory: RunDirectory, results: dict) -> int:
+    """Every read of the test split this run made; a run from before the log counts its last evaluation."""
+    path = directory.path / TEST_READS
+    if path.exists():
+        return sum(entry["reads"] for entry in json.loads(path.read_text()))
+    return sum(len(result["accuracies"]) for result in results.values())
