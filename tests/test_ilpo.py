@@ -126,10 +126,12 @@ def test_class_consistency_drift_runs_and_is_part_of_the_objective(gen, valuatio
     _, drifted = optimise_prompts(
         gen, valuation, labels, noise, _config(prompt_steps=1, drift="class_consistency", drift_weight=1.0)
     )
-    # J = u - CE: at the start both see the same image, so the objectives differ by exactly the CE.
+    # J = u - CE: at the start both see the same image, so the objectives differ by exactly the CE. The CE
+    # here is recomputed through a separate sampling pass outside ILPO's graph, so fp32 agreement is to
+    # rounding, which differs by machine: CEs of about 3 differed by 1.8e-5 on an AMD EPYC.
     images = gen.sample(gen.class_prompt_embeds(labels), noise, guidance_scale=2.0, steps=STEPS)
     ce = torch.nn.functional.cross_entropy(valuation.classifier(images), labels, reduction="none")
-    torch.testing.assert_close(plain.objective[0] - drifted.objective[0], ce.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain.objective[0] - drifted.objective[0], ce.detach(), atol=1e-4, rtol=1e-5)
 
 
 def test_early_stopping_freezes_instances_while_others_continue(gen, valuation):
