@@ -49,6 +49,10 @@ def _metrics(seed: int, plain: float, utilgen: float, *, judge: bool = True) -> 
             "utility_after_prompt": 0.45,
             "utility_after": 0.5,
         },
+        "valuation_first_fit": [  # seed 1's first fit inverted and the guard refit it
+            *([{"seed": 1, "mislabel_auroc": 0.06, "kept": False}] if seed == 1 else []),
+            {"seed": seed + 7, "mislabel_auroc": 0.93, "kept": True},
+        ],
         "experiment": {"test_reads": 10, "test_split_sha256": f"hash{seed}", "test_images": 100, "data": "embedded"},
         "timings": {"a": 60.0, "b": 30.0},
         "machine": {"processor": "x86_64", "torch_threads": 2},
@@ -96,6 +100,8 @@ def test_rows_pair_by_pipeline_seed_and_compare_with_plain_of_their_kind():
     assert "test reads: 60" in text
     assert "- utilgen: 61.0% (60.0, 61.0, 62.0)" in text
     assert "- seed 1, round 1: in use 0.9, refit 0.8: kept the one in use" in text
+    assert result["valuation_first_fit"][0] == [{"seed": 7, "mislabel_auroc": 0.93, "kept": True}]
+    assert "- seed 1: 0.06, 0.93 (kept)" in text
     assert "- seed 2: 0.400 before, 0.450 after the prompt step (40 of 40 prompts moved), 0.500 after" in text
 
 

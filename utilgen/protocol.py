@@ -95,7 +95,7 @@ def run_protocol(args) -> int:
                     file=sys.stderr,
                 )
                 return status
-            runs[name][seed] = json.loads((directory / "metrics.json").read_text())
+            runs[name][seed] = _read_run(directory)
             print(f"protocol: pipeline seed {seed} ({name}) done, {time.perf_counter() - start:.0f} s", flush=True)
     result = summarise(runs["main"], runs.get(LOSS_UTILITY, {}))
     result["protocol"] = {
@@ -110,6 +110,15 @@ def run_protocol(args) -> int:
     atomic_write_text(args.out / "protocol.md", markdown(result))
     print(markdown(result))
     return 0
+
+
+def _read_run(directory: Path) -> dict:
+    """A finished run's ``metrics.json``, with its first TODV fit's attempts (the inversion guard's record,
+    ``valuation/history.json``; runs from before the guard have none)."""
+    metrics = json.loads((directory / "metrics.json").read_text())
+    history = directory / "valuation/history.json"
+    metrics["valuation_first_fit"] = json.loads(history.read_text()).get("attempts", []) if history.exists() else []
+    return metrics
 
 
 def _switched_on(key: str, config: dict) -> bool:
@@ -214,6 +223,7 @@ def summarise(runs: dict[int, dict], loss_runs: dict[int, dict]) -> dict:
         "comparisons": comparisons,
         "valuation_auroc": _valuation_auroc(runs, seeds),
         "judged_pools": _judged_pools(runs, seeds),
+        "valuation_first_fit": {seed: runs[seed].get("valuation_first_fit", []) for seed in seeds},
         "valuation_refresh": _refreshes(runs, seeds),
         "ilpo": {seed: runs[seed]["ilpo"] for seed in seeds if runs[seed].get("ilpo")},
         "test": {
@@ -343,6 +353,17 @@ def markdown(result: dict) -> str:
         for pool, share in result["judged_pools"].items():
             per_seed = ", ".join(f"{100 * v:.1f}" for v in share["per_pipeline_seed"])
             lines.append(f"- {pool}: {100 * share['mean']:.1f}% ({per_seed})")
+    first_fits = {seed: attempts for seed, attempts in (result.get("valuation_first_fit") or {}).items() if attempts}
+    if first_fits:
+        lines += ["", "## TODV's first fit and the inversion guard", ""]
+        lines.append(
+            "Mislabel AUROC on the meta set of each attempt (below 0.5: inverted, refit from another seed); "
+            "the kept one is marked."
+        )
+        lines.append("")
+        for seed, attempts in first_fits.items():
+            tried = ", ".join(f"{a['mislabel_auroc']}" + (" (kept)" if a.get("kept") else "") for a in attempts)
+            lines.append(f"- seed {seed}: {tried}")
     refreshes = [(seed, r) for seed, rounds in (result.get("valuation_refresh") or {}).items() for r in rounds]
     if refreshes:
         lines += ["", "## The valuation refresh after each MLCO round", ""]
