@@ -20,6 +20,7 @@ from utilgen.evaluate import (
     TrainingStopped,
     augment,
     evaluate,
+    job_digests,
     joint,
     summarise,
     train_classifier,
@@ -217,6 +218,46 @@ def test_a_killed_batched_evaluation_resumes_to_the_uninterrupted_numbers(tmp_pa
     monkeypatch.undo()
     resumed = evaluate(settings, test, config, device=torch.device("cpu"), checkpoint=checkpoint)
     assert resumed == full
+
+
+def test_a_job_digest_names_the_data_test_recipe_and_seed_not_the_setting():
+    train, test, cpu = _noisy_task(30, 0), _noisy_task(50, 1), torch.device("cpu")
+    digests = job_digests([TrainingSet("a", train, "real", None)], test, CONFIG, cpu)
+    assert list(digests) == ["a|0", "a|1"]
+    assert digests["a|0"] != digests["a|1"]  # the seed
+    renamed = job_digests([TrainingSet("b", train, "joint", "p")], test, CONFIG, cpu)
+    assert list(renamed.values()) == list(digests.values())  # equal data is the same job
+    more_seeds = replace(CONFIG, seeds=(0, 1, 2), ablation=True)  # choose jobs, do not change them
+    assert list(job_digests([TrainingSet("a", train, "real", None)], test, more_seeds, cpu).values())[:2] == list(
+        digests.values()
+    )
+    changed = _noisy_task(30, 0)
+    changed.images[0, 0, 0, 0] += 1e-3
+    for other in (
+        job_digests([TrainingSet("a", changed, "real", None)], test, CONFIG, cpu),  # one pixel of the training set
+        job_digests([TrainingSet("a", train, "real", None)], _noisy_task(50, 2), CONFIG, cpu),  # the test split
+        job_digests([TrainingSet("a", train, "real", None)], test, replace(CONFIG, lr=0.04), cpu),  # the recipe
+        job_digests([TrainingSet("a", train, "real", None)], test, replace(CONFIG, batched=False), cpu),
+        job_digests([TrainingSet("a", train, "real", None)], test, CONFIG, torch.device("meta")),  # the device
+    ):
+        assert not set(other.values()) & set(digests.values())
+
+
+def test_known_accuracies_are_taken_and_only_the_other_jobs_train(monkeypatch):
+    settings = [TrainingSet(name, _noisy_task(30, seed), "real", None) for seed, name in enumerate(("a", "b"))]
+    test, config, cpu = _noisy_task(200, 9), replace(CONFIG, steps=40), torch.device("cpu")
+    full = evaluate(settings, test, config, device=cpu)
+    trained, real_train_classifiers = [], evaluate_module.train_classifiers
+
+    def counting(jobs, *args, **kwargs):
+        trained.extend(jobs)
+        return real_train_classifiers(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "train_classifiers", counting)
+    known = {"a|0": full["a"]["accuracies"][0], "a|1": full["a"]["accuracies"][1]}
+    extended = evaluate(settings, test, config, device=cpu, known=known)
+    assert extended == full
+    assert len(trained) == 2  # b's two classifiers only
 
 
 def test_a_diverging_member_stops_the_batched_evaluation_naming_its_setting():

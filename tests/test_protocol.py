@@ -150,7 +150,16 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     assert {"+mlco synthetic-only", "+prompt synthetic-only", "plain high-guidance synthetic-only"} <= rows
     reads = json.loads((tmp_path / "runs/seed-0/test-reads.json").read_text())
     assert reads[0]["reads"] == result["test"]["test_reads"]  # the first evaluation's reads
-    assert extended_result["test"]["test_reads"] == sum(entry["reads"] for entry in reads) > len(rows)
+    before = {row["setting"]: row["per_classifier_seed"] for row in result["rows"]}
+    assert reads[1] == {  # the extension trained and scored only the ablation's classifiers ...
+        "evaluate_key": reads[1]["evaluate_key"],
+        "reads": len(rows) - len(before),
+        "reused": reads[0]["reads"],
+    }
+    for row in extended_result["rows"]:  # ... and kept the earlier ones' accuracies
+        if row["setting"] in before:
+            assert row["per_classifier_seed"] == before[row["setting"]], row["setting"]
+    assert extended_result["test"]["test_reads"] == reads[0]["reads"] + reads[1]["reads"]
 
 
 def test_a_bad_setting_stops_before_any_run(tmp_path):

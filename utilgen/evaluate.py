@@ -32,7 +32,7 @@ import statistics
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -270,6 +270,7 @@ def evaluate(
     device: torch.device,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_key: str = "",
+    known: dict[str, float] | None = None,
     progress: bool = False,
 ) -> dict:
     """{setting name: {train_set, pool, train_size, accuracies (one per seed), mean, std}}, in ``settings`` order.
@@ -277,12 +278,14 @@ def evaluate(
     ``checkpoint``: a JSON file of finished (setting, seed) accuracies, read first and
     rewritten (atomically) after every trained group. Its results count only under the same
     ``checkpoint_key`` (the run's stage key: the config and inputs they were computed from).
+    ``known``: accuracies already measured for some jobs, keyed like ``job_digests``' keys
+    (a classifier with the same digest trained earlier); those jobs are not trained again.
     """
-    done: dict[str, float] = {}
+    done: dict[str, float] = dict(known or {})
     if checkpoint is not None and Path(checkpoint).exists():
         saved = json.loads(Path(checkpoint).read_text())
         if saved.get("key") == checkpoint_key:
-            done = saved["done"]
+            done.update(saved["done"])
     jobs = [(setting, seed) for setting in settings for seed in config.seeds]
     plan = training_plan(jobs, config, device)
     todo = [[job for job in group if _job_key(job) not in done] for group in plan.groups]
@@ -318,6 +321,37 @@ Job = tuple[TrainingSet, int]  # (setting, classifier seed)
 
 def _job_key(job: Job) -> str:
     return f"{job[0].name}|{job[1]}"
+
+
+def job_digests(
+    settings: list[TrainingSet], test: LabelledImages, config: EvaluationConfig, device: torch.device
+) -> dict[str, str]:
+    """{job key: digest} for every (setting, seed) job: a SHA-256 of what its accuracy depends on.
+
+    That is the training images and labels, the test split, the recipe (every ``EvaluationConfig``
+    field except the list of seeds and the ablation switch, which only choose the jobs), the seed and
+    the device kind. Two jobs with the same digest train the same classifier on the same data, so an
+    evaluation that adds settings to a finished one (a run extended with the baselines or the
+    ablation) can take the earlier accuracies instead of training and reading the test split again.
+    The setting's name is not part of it: equal data is the same job whatever it is called."""
+    recipe = {k: v for k, v in asdict(config).items() if k not in ("seeds", "ablation")}
+    common = hashlib.sha256()
+    common.update(json.dumps({"recipe": recipe, "device": device.type}, sort_keys=True).encode())
+    common.update(_tensor_bytes(test.images) + _tensor_bytes(test.labels))
+    digests = {}
+    for setting in settings:
+        data = common.copy()
+        data.update(_tensor_bytes(setting.data.images) + _tensor_bytes(setting.data.labels))
+        for seed in config.seeds:
+            job = data.copy()
+            job.update(f"seed:{seed}".encode())
+            digests[_job_key((setting, seed))] = job.hexdigest()
+    return digests
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().cpu().contiguous()
+    return f"{tensor.dtype}{tuple(tensor.shape)}".encode() + tensor.view(torch.uint8).numpy().tobytes()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from utilgen import adaptation
 from utilgen.adaptation.mlco import prepare_round
 from utilgen.config import Config, MLCOConfig, ValuationConfig
 from utilgen.data import Splits, SyntheticPool
-from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate
+from utilgen.evaluate import NonFiniteTrainingError, TrainingSet, evaluate, job_digests
 from utilgen.generator import Generator
 from utilgen.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from utilgen.rundir import RunDirectory
@@ -28,6 +28,7 @@ from utilgen.valuation import NonFiniteLossError, Valuation, fit_valuation
 
 TOKENS = "tokens.safetensors"
 TEST_READS = "test-reads.json"
+EVALUATED = "evaluated.json"  # {job digest: test accuracy} of every classifier this run scored
 
 
 def save_tokens(directory: RunDirectory, tokens: torch.Tensor, steps: int) -> None:
@@ -160,8 +161,16 @@ def _mean(values: torch.Tensor) -> float | None:
 def evaluate_or_stop(
     settings: list[TrainingSet], real: Splits, cfg: Config, device, directory: RunDirectory, key: str, progress: bool
 ) -> dict:
-    """``evaluate`` with its checkpoint in the run directory; a non-finite loss keeps the finished classifiers."""
+    """``evaluate`` with its checkpoint in the run directory; a non-finite loss keeps the finished classifiers.
+
+    A classifier this run already trained and scored in an earlier evaluation (the same digest in
+    ``EVALUATED``, see ``evaluate.job_digests``) is not trained again: a run extended with the baselines or
+    the ablation trains only the new settings' classifiers, and reads the test split only for them."""
     checkpoint = directory.path / "evaluation.partial.json"
+    digests = job_digests(settings, real.test, cfg.evaluation, device)
+    evaluated_path = directory.path / EVALUATED
+    evaluated = json.loads(evaluated_path.read_text()) if evaluated_path.exists() else {}
+    known = {job: evaluated[digest] for job, digest in digests.items() if digest in evaluated}
     try:
         results = evaluate(
             settings,
@@ -170,24 +179,30 @@ def evaluate_or_stop(
             device=device,
             checkpoint=checkpoint,
             checkpoint_key=key,
+            known=known,
             progress=progress,
         )
     except NonFiniteTrainingError as error:
         raise StageError(f"{error}; the classifiers finished so far are kept in {checkpoint}") from error
-    record_test_reads(directory, results, key)
+    for name, result in results.items():
+        for seed, accuracy in zip(cfg.evaluation.seeds, result["accuracies"], strict=True):
+            evaluated[digests[f"{name}|{seed}"]] = accuracy
+    record_test_reads(directory, reads=len(digests) - len(known), reused=len(known), key=key)
+    atomic_write_json(evaluated_path, evaluated)
     atomic_write_json(directory.path / "evaluation.json", results)
     checkpoint.unlink(missing_ok=True)
     return results
 
 
-def record_test_reads(directory: RunDirectory, results: dict, key: str) -> None:
-    """Append this evaluation's reads of the test split (one per classifier scored) to ``TEST_READS``.
+def record_test_reads(directory: RunDirectory, *, reads: int, reused: int, key: str) -> None:
+    """Append this evaluation's reads of the test split (one per classifier trained and scored; ``reused``:
+    accuracies taken from an earlier evaluation, no read) to ``TEST_READS``.
 
     A run that is extended (baselines or ablation added) or re-evaluated overwrites ``evaluation.json``, but
     the earlier evaluation read the test split too, so the count a result reports is the sum of this log."""
     path = directory.path / TEST_READS
     log = json.loads(path.read_text()) if path.exists() else []
-    log.append({"evaluate_key": key, "reads": sum(len(result["accuracies"]) for result in results.values())})
+    log.append({"evaluate_key": key, "reads": reads, "reused": reused})
     atomic_write_json(path, log)
 
 
