@@ -116,10 +116,24 @@ def test_one_pipeline_seed_gives_values_but_no_interval():
 def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-m", "utilgen.experiment", "protocol", "--out", str(tmp_path), "--preset", "smoke"]
-    command += ["--pipeline-seeds", "0", "--classifier-seeds", "0", "--no-ablation", "--quiet"]
+    command += ["--pipeline-seeds", "0", "--classifier-seeds", "0", "--no-ablation", "--loss-utility", "--quiet"]
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "protocol.json").read_text())
+    assert protocol.LOSS_UTILITY_ROW in {row["setting"] for row in result["rows"]}
+    # The loss-utility run started from the main run's stages before TODV and its scored classifiers.
+    main_stages = json.loads((tmp_path / "runs/seed-0/manifest.json").read_text())["stages"]
+    variant = tmp_path / "runs/seed-0-classifier-loss"
+    variant_stages = json.loads((variant / "manifest.json").read_text())["stages"]
+    for name in protocol.SHARED_STAGES:
+        assert variant_stages[name]["adopted_from"] == str(tmp_path / "runs/seed-0")
+        assert variant_stages[name]["key"] == main_stages[name]["key"]  # kept by the resume, not run again
+        assert variant_stages[name]["finished"] == main_stages[name]["finished"]
+    assert variant_stages["valuation"]["key"] != main_stages["valuation"]["key"]
+    variant_reads = json.loads((variant / "test-reads.json").read_text())
+    assert [(e["reads"], e["reused"]) for e in variant_reads] == [(2, 3)]  # UtilGen's two rows; real, plain x2
+    main_reads = json.loads((tmp_path / "runs/seed-0/test-reads.json").read_text())
+    assert result["test"]["test_reads"] == main_reads[0]["reads"] + 2
     rows = {row["setting"] for row in result["rows"]}
     assert {
         "real-only train+meta",
@@ -149,7 +163,6 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     rows = {row["setting"] for row in extended_result["rows"]}
     assert {"+mlco synthetic-only", "+prompt synthetic-only", "plain high-guidance synthetic-only"} <= rows
     reads = json.loads((tmp_path / "runs/seed-0/test-reads.json").read_text())
-    assert reads[0]["reads"] == result["test"]["test_reads"]  # the first evaluation's reads
     before = {row["setting"]: row["per_classifier_seed"] for row in result["rows"]}
     assert reads[1] == {  # the extension trained and scored only the ablation's classifiers ...
         "evaluate_key": reads[1]["evaluate_key"],
@@ -159,7 +172,7 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     for row in extended_result["rows"]:  # ... and kept the earlier ones' accuracies
         if row["setting"] in before:
             assert row["per_classifier_seed"] == before[row["setting"]], row["setting"]
-    assert extended_result["test"]["test_reads"] == reads[0]["reads"] + reads[1]["reads"]
+    assert extended_result["test"]["test_reads"] == reads[0]["reads"] + reads[1]["reads"] + 2
 
 
 def test_a_bad_setting_stops_before_any_run(tmp_path):

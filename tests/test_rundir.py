@@ -58,6 +58,30 @@ def test_done_needs_status_key_and_intact_outputs(tmp_path):
     assert not reopened.is_done("stage", "k1")
 
 
+def test_adopted_stages_are_done_under_their_key_and_stop_at_the_first_unfinished(tmp_path):
+    source = RunDirectory.create(tmp_path / "main", {"a": 1})
+    (source.path / "pools" / "p").mkdir(parents=True)
+    (source.path / "pools" / "p" / "x.png").write_bytes(b"123")
+    (source.path / "one.json").write_text("{}")
+    (source.path / "log.json").write_text("[1]")
+    source.mark_done("one", "k1", ["one.json"], 2.0)
+    source.mark_done("two", "k2", ["pools/p"], 3.0)
+    source.mark_failed("three", "k3", "stopped", 1.0)
+    source.mark_done("four", "k4", ["one.json"], 1.0)  # after an unfinished stage: not adopted
+    run = RunDirectory.create(tmp_path / "variant", {"a": 2})
+    adopted = run.adopt_stages(source.path, ("one", "two", "three", "four"), files=("log.json", "absent.json"))
+    assert adopted == ["one", "two"]
+    reopened = RunDirectory.open(run.path)
+    assert reopened.is_done("one", "k1")
+    assert reopened.is_done("two", "k2")  # the copied outputs hash as the source's did
+    assert not reopened.is_done("two", "other key")  # the key decides, not the copy
+    assert not reopened.is_done("four", "k4")
+    assert reopened.seconds() == {"one": 0.0, "two": 0.0}  # no time spent in this run
+    assert reopened.manifest["stages"]["one"]["adopted_from"] == str(source.path)
+    assert (run.path / "log.json").read_text() == "[1]"
+    assert not (run.path / "absent.json").exists()
+
+
 def test_a_rerun_for_a_changed_output_is_logged_naming_it(tmp_path, caplog):
     run = RunDirectory.create(tmp_path / "run", {"a": 1})
     (run.path / "out.json").write_text("{}")

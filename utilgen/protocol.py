@@ -21,6 +21,7 @@ Tune on the validation set (``--set data.source=validation``), never on the test
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def run_protocol(args) -> int:
         for name, extra in variants.items():
             directory = args.out / "runs" / (f"seed-{seed}" + ("" if name == "main" else f"-{name}"))
             overrides = [*common, f"run.seed={seed}", f"data.split_seed={seed}", *extra]
+            if name != "main" and not directory.exists():
+                _start_from_main(args.out / "runs" / f"seed-{seed}", directory, args.preset, overrides)
             status = _run(args.preset, overrides, directory, quiet=args.quiet)
             if status != 0:
                 print(
@@ -110,6 +113,29 @@ def run_protocol(args) -> int:
     atomic_write_text(args.out / "protocol.md", markdown(result))
     print(markdown(result))
     return 0
+
+
+# The stages before TODV read no valuation, baseline or ablation setting: a variant run (another utility)
+# of the same pipeline seed has them identical to the main run's, so it starts from copies of them. The
+# classifiers the main run scored (real only, plain) are adopted too, through their digests.
+SHARED_STAGES = ("splits", "tokens", "pool0", "plain")
+
+
+def _start_from_main(main: Path, variant: Path, preset: str, overrides: list[str]) -> None:
+    """Create ``variant`` as a run of ``overrides`` holding the main run's ``SHARED_STAGES``; the resume
+    that follows runs the rest. Built beside it and renamed, so a kill leaves no half-made run."""
+    from utilgen.config import build_config
+    from utilgen.rundir import RunDirectory
+    from utilgen.stage_outputs import EVALUATED
+
+    if not (main / "manifest.json").exists():
+        return
+    building = variant.with_name(f".{variant.name}.starting")
+    shutil.rmtree(building, ignore_errors=True)
+    run = RunDirectory.create(building, build_config(preset, None, overrides).to_dict())
+    adopted = run.adopt_stages(main, SHARED_STAGES, files=(EVALUATED,))
+    building.rename(variant)
+    print(f"protocol: {variant.name} starts from {main.name}'s stages {', '.join(adopted) or '(none)'}", flush=True)
 
 
 def _read_run(directory: Path) -> dict:

@@ -258,6 +258,34 @@ class RunDirectory:
         }
         _write_with_backup(self.path / MANIFEST, self.manifest)
 
+    def adopt_stages(self, source: Path, names: tuple[str, ...], files: tuple[str, ...] = ()) -> list[str]:
+        """Copy the finished stages ``names`` of the run in ``source`` (their outputs and manifest records) and
+        its ``files`` into this run; the stages adopted.
+
+        A stage runs again all the same when its key here differs (its settings differ, or a stage before it
+        was not adopted): the key, not the copy, decides. An adopted record took no time in this run
+        (``seconds`` 0) and names where it came from (``adopted_from``)."""
+        stages = json.loads((source / MANIFEST).read_text())["stages"]
+        adopted = []
+        for name in names:
+            entry = stages.get(name)
+            if not entry or entry.get("status") != "done":
+                break  # the stages after a missing one would run again anyway
+            for relative in entry["outputs"]:
+                target = self.path / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if (source / relative).is_dir():
+                    shutil.copytree(source / relative, target)
+                else:
+                    shutil.copy2(source / relative, target)
+            self.manifest["stages"][name] = {**entry, "seconds": 0.0, "adopted_from": str(source)}
+            adopted.append(name)
+        for relative in files:
+            if (source / relative).exists():
+                shutil.copy2(source / relative, self.path / relative)
+        _write_with_backup(self.path / MANIFEST, self.manifest)
+        return adopted
+
     def seconds(self) -> dict[str, float]:
         return {name: entry["seconds"] for name, entry in self.manifest["stages"].items() if entry["status"] == "done"}
 
