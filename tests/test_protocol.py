@@ -157,7 +157,7 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "extending" in extended.stdout
     after = json.loads((tmp_path / "runs/seed-0/manifest.json").read_text())
-    for name in ("tokens", "pool0", "plain", "valuation", "ilpo"):  # the method's stages were kept, not redone
+    for name in ("tokens", "pool0", "plain", "valuation", "ilpo", "baselines"):  # kept, not redone
         assert after["stages"][name] == manifest["stages"][name]
     extended_result = json.loads((tmp_path / "protocol.json").read_text())
     rows = {row["setting"] for row in extended_result["rows"]}

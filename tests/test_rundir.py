@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,6 +81,9 @@ def test_adopted_stages_are_done_under_their_key_and_stop_at_the_first_unfinishe
     assert reopened.manifest["stages"]["one"]["adopted_from"] == str(source.path)
     assert (run.path / "log.json").read_text() == "[1]"
     assert not (run.path / "absent.json").exists()
+    shutil.rmtree(source.path / "pools")  # a finished stage whose output is gone is not adopted
+    damaged = RunDirectory.create(tmp_path / "damaged", {"a": 3})
+    assert damaged.adopt_stages(source.path, ("one", "two")) == ["one"]
 
 
 def test_a_rerun_for_a_changed_output_is_logged_naming_it(tmp_path, caplog):

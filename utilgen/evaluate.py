@@ -330,18 +330,31 @@ def job_digests(
 
     That is the training images and labels, the test split, the recipe (every ``EvaluationConfig``
     field except the list of seeds and the ablation switch, which only choose the jobs), the seed and
-    the device kind. Two jobs with the same digest train the same classifier on the same data, so an
-    evaluation that adds settings to a finished one (a run extended with the baselines or the
-    ablation) can take the earlier accuracies instead of training and reading the test split again.
-    The setting's name is not part of it: equal data is the same job whatever it is called."""
+    the device (its kind, and the GPU's name), the torch version, the thread count and
+    ``TRAINING_CODE_VERSION``. Two jobs with the same digest train the same classifier on the same
+    data, so an evaluation that adds settings to a finished one (a run extended with the baselines or
+    the ablation) can take the earlier accuracies instead of training and reading the test split
+    again. The setting's name is not part of it: equal data is the same job whatever it is called.
+
+    On a CPU a reused accuracy is the one a fresh evaluation computes (each classifier trains alone on
+    one thread). On CUDA, where classifiers of one shape train stacked, the stacks of an extended
+    evaluation differ from a fresh one's, and the two agree to float rounding."""
     recipe = {k: v for k, v in asdict(config).items() if k not in ("seeds", "ablation")}
-    common = hashlib.sha256()
-    common.update(json.dumps({"recipe": recipe, "device": device.type}, sort_keys=True).encode())
-    common.update(_tensor_bytes(test.images) + _tensor_bytes(test.labels))
+    machine = {
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "code": TRAINING_CODE_VERSION,
+    }
+    common = hashlib.sha256(json.dumps({"recipe": recipe, **machine}, sort_keys=True).encode())
+    for tensor in (test.images, test.labels):
+        _hash_tensor(common, tensor)
     digests = {}
     for setting in settings:
         data = common.copy()
-        data.update(_tensor_bytes(setting.data.images) + _tensor_bytes(setting.data.labels))
+        for tensor in (setting.data.images, setting.data.labels):
+            _hash_tensor(data, tensor)
         for seed in config.seeds:
             job = data.copy()
             job.update(f"seed:{seed}".encode())
@@ -349,9 +362,15 @@ def job_digests(
     return digests
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+# Bump when the training code changes what a classifier learns (model, optimiser, augmentation, batching):
+# accuracies kept in a run's evaluated.json under the old version are then not reused.
+TRAINING_CODE_VERSION = 1
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
     tensor = tensor.detach().cpu().contiguous()
-    return f"{tensor.dtype}{tuple(tensor.shape)}".encode() + tensor.view(torch.uint8).numpy().tobytes()
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(memoryview(tensor.view(torch.uint8).numpy()))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
     valuation   TODV on D_r ∪ D_g0 against D_v -> (f_theta, W_phi)
     mlco-<r>    candidates -> utilities -> pairs -> one Diffusion-DPO round (r = 1..R)
     ilpo        the final pool: per-instance prompt and noise optimisation, same (label, seed) list as plain
-    ablation    (optional) +MLCO, +prompt, +noise pools
+    baselines   (optional) untrained tokens, plain + filter, DataDream-style pools
+    ablation    (optional) +MLCO, +prompt, +noise, +MLCO+prompt, plain high-guidance pools
     evaluate    fresh classifiers: real only, plain and UtilGen, synthetic-only and joint, over seeds
     report      metrics.json, report.md, plots
 
@@ -141,14 +142,9 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
             atomic_write_json(path / "ilpo.json", outputs.ilpo_summary(history, pool))
     utilgen_pool = outputs.load_pool(directory, "utilgen")
 
-    ablation_pools: dict[str, SyntheticPool] = {}
-    if cfg.evaluation.ablation:
-        written = [f"pools/{n}" for n in ABLATION_POOLS]
-        with stages.stage("ablation", [cfg.evaluation.ablation], written) as needed:
-            if needed:
-                ablation(generator, valuation, final_labels, final_seeds, ascend_below, ctx)
-        ablation_pools = {n: outputs.load_pool(directory, n) for n in ABLATION_POOLS}
-
+    # The baselines before the ablation: the stage keys are chained and a stage that runs makes every later
+    # one run, so a run extended with the ablation (python -m utilgen.experiment protocol, README) keeps its
+    # baselines; extending one with the baselines redoes the ablation.
     baseline_pools: dict[str, SyntheticPool] = {}
     if cfg.baselines.enabled:
         # The DataDream-style adapter borrows MLCO's LoRA shape: its key holds the mlco section too.
@@ -160,6 +156,14 @@ def run(cfg: Config, directory: RunDirectory, data, *, device: torch.device, pro
                     path / "baselines.json", baselines(generator.class_tokens, plain, final_labels, final_seeds, ctx)
                 )
         baseline_pools = {n: outputs.load_pool(directory, n) for n in BASELINE_POOLS}
+
+    ablation_pools: dict[str, SyntheticPool] = {}
+    if cfg.evaluation.ablation:
+        written = [f"pools/{n}" for n in ABLATION_POOLS]
+        with stages.stage("ablation", [cfg.evaluation.ablation], written) as needed:
+            if needed:
+                ablation(generator, valuation, final_labels, final_seeds, ascend_below, ctx)
+        ablation_pools = {n: outputs.load_pool(directory, n) for n in ABLATION_POOLS}
 
     # Evaluation: fresh classifiers on real only, plain and UtilGen (synthetic-only and joint), over seeds.
     settings = evaluation_settings(real, plain, utilgen_pool, ablation_pools, baseline_pools)

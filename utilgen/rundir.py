@@ -269,8 +269,8 @@ class RunDirectory:
         adopted = []
         for name in names:
             entry = stages.get(name)
-            if not entry or entry.get("status") != "done":
-                break  # the stages after a missing one would run again anyway
+            if not entry or entry.get("status") != "done" or not all((source / o).exists() for o in entry["outputs"]):
+                break  # unfinished or damaged; the stages after it would run again anyway
             for relative in entry["outputs"]:
                 target = self.path / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
