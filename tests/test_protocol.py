@@ -164,11 +164,11 @@ def test_a_smoke_protocol_runs_resumes_and_reports_every_baseline(tmp_path):
     assert {"+mlco synthetic-only", "+prompt synthetic-only", "plain high-guidance synthetic-only"} <= rows
     reads = json.loads((tmp_path / "runs/seed-0/test-reads.json").read_text())
     before = {row["setting"]: row["per_classifier_seed"] for row in result["rows"]}
-    assert reads[1] == {  # the extension trained and scored only the ablation's classifiers ...
-        "evaluate_key": reads[1]["evaluate_key"],
-        "reads": len(rows) - len(before),
-        "reused": reads[0]["reads"],
-    }
+    # The extension trained and scored at most the ablation's classifiers (an ablation pool equal to a pool
+    # scored before is the same job) and reused every classifier of the first evaluation ...
+    assert reads[1]["reads"] + reads[1]["reused"] == len(rows) - 1  # the loss-utility row is the other run's
+    assert reads[1]["reused"] >= reads[0]["reads"]
+    assert 0 < reads[1]["reads"] <= len(rows) - len(before)
     for row in extended_result["rows"]:  # ... and kept the earlier ones' accuracies
         if row["setting"] in before:
             assert row["per_classifier_seed"] == before[row["setting"]], row["setting"]
